@@ -1,0 +1,322 @@
+r"""Exact k-nearest-neighbour search: blocked GEMM pre-selection, exact re-check of the winners.
+
+For queries :math:`x_i` and points :math:`y_j` the squared Euclidean distance is
+
+.. math:: d_{ij} = \lVert x_i - y_j \rVert^2 .
+
+The expansion :math:`\lVert x\rVert^2 + \lVert y\rVert^2 - 2\langle x, y\rangle` turns the search into a
+matrix product, but in floating point it is catastrophically inaccurate exactly where memorization
+happens (near-duplicates far from the origin), and it never gives exact zeros. Here it only
+*pre-selects* candidates:
+
+1. both sets are centred on the mean of ``points`` (shrinks the norms, hence the error);
+2. for each block of queries and block of points, :math:`a_{ij} = \lVert y_j\rVert^2 - 2\langle x_i,
+   y_j\rangle` is formed by one GEMM (the per-row constant :math:`\lVert x_i\rVert^2` is omitted);
+3. every entry within :math:`2\tau_i` of the running k-th smallest :math:`a_{i\cdot}` is a candidate,
+   where :math:`\tau_i = (2D + 8)\,\varepsilon\,(\lVert x_i\rVert^2 + \max_j \lVert y_j\rVert^2)` bounds
+   the rounding error of the expansion (a standard forward bound for a length-D dot product);
+4. the candidates' distances are recomputed by direct difference in float64 (float32 where the device
+   has no float64) and the k smallest kept, ties broken by the lower index.
+
+Because every true neighbour is provably a candidate, the result is exact: duplicates give exactly
+``0`` and near-duplicates are as accurate as the direct difference. Memory is bounded by the block
+sizes, never ``N x M``. Matmuls run in IEEE fp32/fp64 with autocast disabled, whatever the user's
+``float32_matmul_precision``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gapcallback.utils.checks import (
+    check_finite,
+    check_point_set,
+    check_positive_int,
+    check_same_device,
+    check_same_features,
+    compute_dtype,
+)
+from gapcallback.utils.precision import full_precision
+
+if TYPE_CHECKING:
+    from gapcallback.symmetry.base import Symmetry
+
+__all__ = ["KNNResult", "knn"]
+
+_DEFAULT_QUERY_BLOCK = 512
+_DEFAULT_POINT_BLOCK = 2048
+_TILE = 64  # columns per tile whose minimum screens for candidates
+_PENDING_PER_ROW = 64  # candidates buffered per query row before an exact re-check
+_RECHECK_ELEMENTS = 1 << 22  # elements per chunk of the exact re-check (32 MiB in float64)
+
+
+class KNNResult(NamedTuple):
+    """Result of :func:`knn`.
+
+    Attributes:
+        sq_dists: ``[N, k]`` squared distances, ascending along the last dimension; float32, or
+            float64 when an input is float64.
+        indices: ``[N, k]`` int64 indices into ``points`` (ties: lower index first).
+    """
+
+    sq_dists: Tensor
+    indices: Tensor
+
+
+def knn(
+    queries: Tensor,
+    points: Tensor,
+    k: int = 1,
+    *,
+    exclude_self: bool = False,
+    symmetry: Symmetry | None = None,
+    block_size: tuple[int, int] | None = None,
+) -> KNNResult:
+    r"""Exact k nearest neighbours of each query among ``points``, in squared Euclidean distance.
+
+    Args:
+        queries: ``[N, D]`` or ``[N, *dims]`` (trailing dimensions are flattened to ``D``).
+        points: ``[M, D]`` or ``[M, *dims]`` with the same per-point shape as ``queries``.
+        k: number of neighbours, ``1 <= k <= M`` (``M - 1`` with ``exclude_self``).
+        exclude_self: leave-one-out search of a set within itself: ``queries`` and ``points`` are
+            the same set (same ``N``) and point ``i`` is never returned as a neighbour of query
+            ``i``. Duplicates of a point still count (at distance exactly 0).
+        symmetry: a :class:`gapcallback.symmetry.Symmetry`; the distance becomes the orbit
+            distance :math:`\min_{g \in G} \lVert x - g\,y \rVert^2`.
+        block_size: ``(query_block, point_block)`` rows per block; peak extra memory is about
+            ``12 * query_block * point_block`` bytes. Default ``(512, 2048)``.
+
+    Returns:
+        :class:`KNNResult` ``(sq_dists [N, k], indices [N, k])``.
+
+    Raises:
+        TypeError: non-tensor, integer or complex inputs.
+        ValueError: empty sets, NaN/Inf, mismatched feature sizes, different devices, or ``k``
+            larger than the number of candidate points.
+
+    Example:
+        >>> import torch
+        >>> from gapcallback.functional import knn
+        >>> x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+        >>> knn(torch.tensor([[3.0, 4.0]]), x, k=2)
+        KNNResult(sq_dists=tensor([[ 0., 25.]]), indices=tensor([[1, 0]]))
+    """
+    # Finiteness is checked inside the search, from the norms it computes anyway.
+    queries = check_point_set(queries, "queries", finite=symmetry is not None)
+    points = check_point_set(points, "points", finite=symmetry is not None)
+    check_same_device(queries, points, "queries", "points")
+    check_same_features(queries, points, "queries", "points")
+    k = check_positive_int(k, "k")
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"`exclude_self` must be a bool, got {exclude_self!r}.")
+    available = points.shape[0] - (1 if exclude_self else 0)
+    if exclude_self and queries.shape[0] != points.shape[0]:
+        raise ValueError(
+            "`exclude_self=True` searches a set within itself, so `queries` and `points` must be the"
+            f" same set; got {queries.shape[0]} queries and {points.shape[0]} points. Call "
+            "`knn(x, x, k, exclude_self=True)`."
+        )
+    if k > available:
+        extra = " other" if exclude_self else ""
+        raise ValueError(
+            f"k={k} neighbours requested but only {available}{extra} points are available; use "
+            f"k <= {available} or pass more points."
+        )
+    query_block, point_block = _block_sizes(block_size)
+    if symmetry is not None:
+        from gapcallback.symmetry.base import Symmetry
+
+        if not isinstance(symmetry, Symmetry):
+            raise TypeError(
+                "`symmetry` must be a gapcallback.symmetry object (FiniteGroup, CyclicShifts, "
+                f"RigidMotions, Permutations), got {type(symmetry).__name__}."
+            )
+        return symmetry.knn(queries, points, k, exclude_self=exclude_self)
+    return _knn_exact(
+        queries.reshape(queries.shape[0], -1),
+        points.reshape(points.shape[0], -1),
+        k,
+        exclude_self,
+        query_block,
+        point_block,
+    )
+
+
+def _block_sizes(block_size: tuple[int, int] | None) -> tuple[int, int]:
+    if block_size is None:
+        return _DEFAULT_QUERY_BLOCK, _DEFAULT_POINT_BLOCK
+    if (
+        not isinstance(block_size, (tuple, list))
+        or len(block_size) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)
+    ):
+        raise ValueError(
+            f"`block_size` must be a pair of positive ints (query_block, point_block), got {block_size!r}."
+        )
+    return int(block_size[0]), int(block_size[1])
+
+
+def _exact_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    return dtype if device.type == "mps" else torch.float64
+
+
+@torch.no_grad()
+def _knn_exact(
+    queries: Tensor,
+    points: Tensor,
+    k: int,
+    exclude_self: bool,
+    query_block: int,
+    point_block: int,
+) -> KNNResult:
+    """Core of :func:`knn` on validated, flattened ``[N, D]`` / ``[M, D]`` inputs."""
+    dtype = compute_dtype(queries, points)
+    exact_dtype = _exact_dtype(points.device, dtype)
+    n, dim = queries.shape
+    m = points.shape[0]
+    with full_precision(points.device.type):
+        q = queries.to(dtype)
+        x = points.to(dtype)
+        centre = (x.sum(dim=0, dtype=exact_dtype) / m).to(dtype)
+        q_centred = q - centre
+        x_centred = x - centre
+        q_norms = q_centred.square().sum(dim=1)
+        x_norms = x_centred.square().sum(dim=1)
+        # NaN/Inf in an input shows up in its norms: one cheap test instead of a full pass.
+        for norms, original, name in ((q_norms, queries, "queries"), (x_norms, points, "points")):
+            if not bool(torch.isfinite(norms).all()):
+                check_finite(original, name)
+                raise ValueError(
+                    f"`queries`/`points` hold values too large for {dtype} (squared norms of `{name}` overflow"
+                    " after centring on the mean of `points`); rescale the"
+                    " data or pass float64 tensors."
+                )
+        eps = torch.finfo(dtype).eps
+        # Twice the forward error bound of the expansion, per query row.
+        slack = 2.0 * (2 * dim + 8) * eps * (q_norms + x_norms.max())
+
+        out_d = torch.empty(n, k, dtype=dtype, device=points.device)
+        out_i = torch.empty(n, k, dtype=torch.long, device=points.device)
+        for qs in range(0, n, query_block):
+            qe = min(qs + query_block, n)
+            rows = qe - qs
+            best_d = torch.full((rows, k), float("inf"), dtype=exact_dtype, device=points.device)
+            best_i = torch.full((rows, k), -1, dtype=torch.long, device=points.device)
+            running = torch.full((rows, k), float("inf"), dtype=dtype, device=points.device)
+            pending: list[tuple[Tensor, Tensor]] = []
+            n_pending = 0
+            for ps in range(0, m, point_block):
+                pe = min(ps + point_block, m)
+                approx = torch.addmm(
+                    x_norms[ps:pe], q_centred[qs:qe], x_centred[ps:pe].T, alpha=-2.0
+                )
+                if exclude_self:
+                    lo, hi = max(qs, ps), min(qe, pe)
+                    if lo < hi:
+                        diag = torch.arange(lo, hi, device=points.device)
+                        approx[diag - qs, diag - ps] = float("inf")
+                running, cand_r, cand_c = _block_candidates(approx, running, slack[qs:qe])
+                if cand_r.numel() == 0:
+                    continue
+                pending.append((cand_r, cand_c + ps))
+                n_pending += cand_r.numel()
+                if n_pending > _PENDING_PER_ROW * rows:  # bound memory on degenerate data
+                    best_d, best_i = _recheck(q[qs:qe], x, pending, best_d, best_i)
+                    pending, n_pending = [], 0
+            best_d, best_i = _recheck(q[qs:qe], x, pending, best_d, best_i)
+            out_d[qs:qe] = best_d.to(dtype)
+            out_i[qs:qe] = best_i
+    return KNNResult(out_d, out_i)
+
+
+def _block_candidates(
+    approx: Tensor, running: Tensor, slack: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Candidates of one ``[rows, width]`` block of expanded distances.
+
+    ``running`` ``[rows, k]`` holds upper bounds of the k smallest entries seen so far (minima of
+    distinct tiles of ``_TILE`` columns, so the k-th is >= the true k-th smallest entry). An entry
+    is a candidate when it is within ``slack`` of the k-th bound. Only tiles whose minimum passes
+    are inspected, so the block is read once (the tile minima) plus a few tiles per row.
+
+    Returns the updated ``running`` and flat ``(row, column)`` candidate indices.
+    """
+    rows, width = approx.shape
+    n_full = width // _TILE
+    parts = []
+    if n_full:
+        parts.append(approx[:, : n_full * _TILE].view(rows, n_full, _TILE).amin(dim=2))
+    if width > n_full * _TILE:
+        parts.append(approx[:, n_full * _TILE :].amin(dim=1, keepdim=True))
+    tile_min = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if running.shape[1] == 1:
+        running = torch.minimum(running, tile_min.amin(dim=1, keepdim=True))
+    else:
+        merged = torch.cat([running, tile_min], dim=1)
+        running = merged.topk(running.shape[1], dim=1, largest=False).values
+    # Finite, so that masked entries (+inf: a point's own index) are never candidates.
+    threshold = (running.amax(dim=1) + slack).clamp_max(torch.finfo(approx.dtype).max)
+    hit_r, hit_t = (tile_min <= threshold[:, None]).nonzero(as_tuple=True)
+    cols = hit_t[:, None] * _TILE + torch.arange(_TILE, device=approx.device)
+    inside = cols < width
+    cols = cols.clamp_max(width - 1)
+    keep = (approx[hit_r[:, None], cols] <= threshold[hit_r, None]) & inside
+    kr, kc = keep.nonzero(as_tuple=True)
+    return running, hit_r[kr], cols[kr, kc]
+
+
+def _recheck(
+    q: Tensor,
+    x: Tensor,
+    pending: list[tuple[Tensor, Tensor]],
+    best_d: Tensor,
+    best_i: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Exact distances of the pending ``(row, col)`` candidates, merged into the running top-k."""
+    if not pending:
+        return best_d, best_i
+    rows = torch.cat([c[0] for c in pending])
+    cols = torch.cat([c[1] for c in pending])
+    dists = _direct_sq_dists(q, x, rows, cols, best_d.dtype)
+    return _merge_topk(best_d, best_i, rows, dists, cols, best_d.shape[1])
+
+
+def _direct_sq_dists(
+    q: Tensor, x: Tensor, q_idx: Tensor, x_idx: Tensor, exact_dtype: torch.dtype
+) -> Tensor:
+    """``||q[q_idx] - x[x_idx]||^2`` by direct difference in ``exact_dtype``, in bounded chunks."""
+    out = torch.empty(q_idx.shape[0], dtype=exact_dtype, device=q.device)
+    chunk = max(1, _RECHECK_ELEMENTS // max(1, q.shape[1]))
+    for s in range(0, q_idx.shape[0], chunk):
+        e = min(s + chunk, q_idx.shape[0])
+        diff = q[q_idx[s:e]].to(exact_dtype) - x[x_idx[s:e]].to(exact_dtype)
+        out[s:e] = diff.square().sum(dim=1)
+    return out
+
+
+def _merge_topk(
+    best_d: Tensor, best_i: Tensor, rows: Tensor, dists: Tensor, cols: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Merge flat candidates ``(rows, dists, cols)`` into the per-row top-k ``best_d``/``best_i``.
+
+    Sorting by (row, distance, index) makes the result independent of block sizes.
+    """
+    if rows.numel() == 0:
+        return best_d, best_i
+    n_rows = best_d.shape[0]
+    base_rows = torch.arange(n_rows, device=rows.device).repeat_interleave(k)
+    all_r = torch.cat([base_rows, rows])
+    all_d = torch.cat([best_d.reshape(-1), dists])
+    all_c = torch.cat([best_i.reshape(-1), cols])
+    # Unused slots (index -1, distance inf) must sort after any real candidate.
+    all_c_key = torch.where(all_c < 0, torch.iinfo(torch.long).max, all_c)
+    order = torch.argsort(all_c_key, stable=True)
+    order = order[torch.argsort(all_d[order], stable=True)]
+    order = order[torch.argsort(all_r[order], stable=True)]
+    counts = torch.bincount(all_r, minlength=n_rows)
+    starts = torch.cumsum(counts, dim=0) - counts
+    take = order[starts[:, None] + torch.arange(k, device=rows.device)[None, :]]
+    return all_d[take], all_c[take]
