@@ -1,0 +1,240 @@
+r"""All circular shifts of signals or images: translation equivariance of circular convolutions.
+
+For points of shape ``[*other, *S]`` whose axes ``dims`` (sizes :math:`S`) are shifted circularly,
+
+.. math::
+
+    d_G(y, z)^2 = \min_{s} \lVert y - \operatorname{roll}(z, s) \rVert^2
+                = \lVert y \rVert^2 + \lVert z \rVert^2 - 2 \max_s c_s(y, z),
+    \qquad c_s(y, z) = \langle y, \operatorname{roll}(z, s) \rangle ,
+
+and all :math:`\prod S` correlations :math:`c_s` of a pair come from one FFT,
+:math:`c = \mathcal F^{-1}\big(\sum_{\text{other}} \hat y \, \overline{\hat z}\big)`. The group is
+finite (``order`` :math:`= \prod S`, ``dimension`` 0).
+
+Numerics: the FFT screening runs in float64 on data centred by a shift-invariant constant (the
+per-channel mean of ``points``), and every pair within the FFT's rounding error of the running
+k-th distance is re-checked exactly: candidate shifts are applied with an index gather and the
+distance recomputed by direct difference from the raw inputs, so duplicates (shifted duplicates
+included) give exactly 0. Cost per pair: :math:`O(C F + S \log S)` with :math:`F` the rfft size,
+against :math:`O(D)` for the plain distance; memory bounded by blocks of pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from gapcallback.functional.knn import KNNResult
+from gapcallback.symmetry._search import bounded_search
+from gapcallback.symmetry.base import Symmetry
+from gapcallback.symmetry.finite_group import _point_dims
+from gapcallback.utils.precision import full_precision
+
+__all__ = ["CyclicShifts"]
+
+_PAIR_BUDGET = 1 << 22  # complex/real float64 elements per block of pairs (~64 MiB)
+
+
+class CyclicShifts(Symmetry):
+    r"""Circular shifts along the per-point axes ``dims`` (all :math:`\prod_d S_d` of them).
+
+    Args:
+        dims: per-point axes shifted circularly, counted from the end: ``(-1,)`` for 1-D signals
+            ``[N, L]`` or ``[N, C, L]``; ``(-2, -1)`` for images ``[N, C, H, W]``. Other axes
+            (channels) move together.
+
+    Attributes:
+        dimension: 0 (the shifts of a discrete signal form a finite group).
+        order: number of shifts :math:`\prod_d S_d`, known once a shape is seen (``None`` before).
+
+    Example:
+        >>> import torch
+        >>> from gapcallback.functional.knn import knn
+        >>> from gapcallback.symmetry import CyclicShifts
+        >>> x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+        >>> knn(x.roll(1, -1), x, symmetry=CyclicShifts()).sq_dists
+        tensor([[0.]])
+    """
+
+    def __init__(self, dims: Sequence[int] = (-1,)):
+        self.dims = _point_dims(dims, "dims")
+        self._order: int | None = None
+
+    @property
+    def order(self) -> int | None:  # type: ignore[override]
+        return self._order
+
+    def check_shape(self, x: Tensor, name: str) -> None:
+        need = max(-d for d in self.dims)
+        if x.ndim - 1 < need:
+            raise ValueError(
+                f"CyclicShifts(dims={self.dims}) shifts axis {min(self.dims)} of each point, but "
+                f"`{name}` has points of shape {tuple(x.shape[1:])} ({x.ndim - 1} axes). Pass "
+                f"[N, L] signals for dims=(-1,) or [N, C, H, W] images for dims=(-2, -1)."
+            )
+        self._order = math.prod(int(x.shape[d]) for d in self.dims)
+
+    def _layout(self, x: Tensor) -> Tensor:
+        """``[N, C, *S]``: shifted axes last, every other per-point axis flattened into C."""
+        nd = len(self.dims)
+        moved = x.movedim(self.dims, tuple(range(-nd, 0)))
+        return moved.reshape(x.shape[0], -1, *moved.shape[moved.ndim - nd :])
+
+    def roll(self, x: Tensor, shifts: Sequence[int] | Tensor) -> Tensor:
+        """``roll(x, s)`` for every point (same shift) with ``s`` one int per axis of ``dims``."""
+        shifts = [int(s) for s in shifts]
+        if len(shifts) != len(self.dims):
+            raise ValueError(f"`shifts` needs {len(self.dims)} entries (one per axis of `dims`).")
+        return torch.roll(x, shifts, self.dims)
+
+    def orbit(self, x: Tensor) -> Tensor:
+        """``[order * N, *shape]``: row ``s * N + i`` holds ``x_i`` shifted by the ``s``-th shift
+        (C order over the axes of ``dims``; shift 0 first)."""
+        self.check_shape(x, "x")
+        sizes = [int(x.shape[d]) for d in self.dims]
+        grids = torch.cartesian_prod(*[torch.arange(s) for s in sizes]).reshape(-1, len(sizes))
+        return torch.cat([self.roll(x, s.tolist()) for s in grids], dim=0)
+
+    @torch.no_grad()
+    def align(self, queries: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Nearest point of each query and the shift attaining it.
+
+        Returns:
+            ``(indices [N], shifts [N, len(dims)])`` with
+            ``queries[i] ~ roll(points[indices[i]], shifts[i])``.
+        """
+        res = self.knn(queries, points, 1)
+        j = res.indices[:, 0]
+        q = self._layout(queries).double()
+        z = self._layout(points).double()[j]
+        _, best_shift = self._pair_exact(q, z)
+        return j, best_shift
+
+    def knn(
+        self, queries: Tensor, points: Tensor, k: int, *, exclude_self: bool = False
+    ) -> KNNResult:
+        self.check_shape(queries, "queries")
+        self.check_shape(points, "points")
+        n, m = queries.shape[0], points.shape[0]
+        with full_precision(points.device.type):
+            q_raw = self._layout(queries).double()
+            x_raw = self._layout(points).double()
+            sizes = tuple(q_raw.shape[2:])
+            nd = len(sizes)
+            sdims = tuple(range(-nd, 0))
+            # Shift-invariant centring: per-channel mean over points and positions.
+            centre = x_raw.mean(dim=(0, *range(2, 2 + nd)), keepdim=True)
+            q_c = q_raw - centre
+            x_c = x_raw - centre
+            q_norm = q_c.square().sum(dim=tuple(range(1, q_c.ndim)))
+            x_norm = x_c.square().sum(dim=tuple(range(1, x_c.ndim)))
+            n_shifts = math.prod(sizes)
+            channels = q_raw.shape[1]
+            eps = torch.finfo(torch.float64).eps
+            factor = (16 * math.log2(max(n_shifts, 2)) + 16 + channels) * math.sqrt(n_shifts) * eps
+            q_hat = torch.fft.rfftn(q_c, dim=sdims)
+            f_size = q_hat[0].numel() // channels
+            pairs = max(1, _PAIR_BUDGET // max(n_shifts + 2 * f_size, channels * f_size))
+            qb = max(1, min(n, int(math.sqrt(pairs))))
+            pb = max(1, min(m, pairs // qb))
+
+            def screen(qs: int, qe: int, ps: int, pe: int) -> tuple[Tensor, Tensor]:
+                x_hat = torch.fft.rfftn(x_c[ps:pe], dim=sdims)
+                # [b, c, *S] correlations of all pairs, channels summed in the frequency domain.
+                prod = torch.einsum("bk...,ck...->bc...", q_hat[qs:qe], x_hat.conj())
+                corr = torch.fft.irfftn(prod, s=sizes, dim=sdims)
+                best = corr.reshape(qe - qs, pe - ps, -1).amax(dim=2)
+                total = q_norm[qs:qe, None] + x_norm[None, ps:pe]
+                approx = total - 2.0 * best
+                slack = factor * total
+                return approx - slack, approx + slack
+
+            def exact(rows: Tensor, cols: Tensor) -> Tensor:
+                out = torch.empty(rows.numel(), dtype=torch.float64, device=points.device)
+                step = max(1, pairs)
+                for s in range(0, rows.numel(), step):
+                    r, c = rows[s : s + step], cols[s : s + step]
+                    d, _ = self._pair_exact(
+                        q_raw[r], x_raw[c], q_c=q_c[r], x_c=x_c[c], factor=factor
+                    )
+                    out[s : s + step] = d
+                return out
+
+            dists, idx = bounded_search(
+                n, m, k, exclude_self, points.device, screen, exact,
+                query_block=qb, point_block=pb,
+            )  # fmt: skip
+        dtype = torch.float64 if torch.float64 in (queries.dtype, points.dtype) else torch.float32
+        return KNNResult(dists.to(dtype), idx)
+
+    def _pair_exact(
+        self,
+        y: Tensor,
+        z: Tensor,
+        *,
+        q_c: Tensor | None = None,
+        x_c: Tensor | None = None,
+        factor: float | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Exact ``min_s ||y_t - roll(z_t, s)||^2`` for paired rows ``[T, C, *S]`` (float64).
+
+        All shifts whose FFT estimate is within twice its rounding error of the best are evaluated
+        by direct difference. Returns ``(distances [T], best shifts [T, len(S)])``.
+        """
+        sizes = tuple(y.shape[2:])
+        nd = len(sizes)
+        sdims = tuple(range(-nd, 0))
+        n_shifts = math.prod(sizes)
+        if q_c is None or x_c is None:
+            q_c, x_c = y, z
+        if factor is None:
+            eps = torch.finfo(torch.float64).eps
+            factor = (
+                (16 * math.log2(max(n_shifts, 2)) + 16 + y.shape[1]) * math.sqrt(n_shifts) * eps
+            )
+        t = y.shape[0]
+        corr = torch.fft.irfftn(
+            (torch.fft.rfftn(q_c, dim=sdims) * torch.fft.rfftn(x_c, dim=sdims).conj()).sum(dim=1),
+            s=sizes,
+            dim=sdims,
+        ).reshape(t, n_shifts)
+        total = q_c.square().flatten(1).sum(1) + x_c.square().flatten(1).sum(1)
+        approx = total[:, None] - 2.0 * corr
+        slack = factor * total
+        ok = approx <= approx.amin(dim=1, keepdim=True) + 4.0 * slack[:, None]
+        pair, shift = ok.nonzero(as_tuple=True)
+        # Source position of each output position under each candidate shift.
+        strides = [math.prod(sizes[i + 1 :]) for i in range(nd)]
+        pos = torch.arange(n_shifts, device=y.device)
+        src = torch.zeros(pair.numel(), n_shifts, dtype=torch.long, device=y.device)
+        for i in range(nd):
+            t_i = (pos // strides[i]) % sizes[i]
+            s_i = (shift // strides[i]) % sizes[i]
+            src += ((t_i[None, :] - s_i[:, None]) % sizes[i]) * strides[i]
+        best = torch.full((t,), float("inf"), dtype=torch.float64, device=y.device)
+        best_shift = torch.zeros(t, dtype=torch.long, device=y.device)
+        y_flat = y.reshape(t, y.shape[1], n_shifts)
+        z_flat = z.reshape(t, z.shape[1], n_shifts)
+        chunk = max(1, _PAIR_BUDGET // max(1, y_flat[0].numel()))
+        for s in range(0, pair.numel(), chunk):
+            p, sr = pair[s : s + chunk], src[s : s + chunk]
+            rolled = torch.gather(z_flat[p], 2, sr[:, None, :].expand(-1, z_flat.shape[1], -1))
+            d = (y_flat[p] - rolled).square().flatten(1).sum(1)
+            # Per pair minimum; ties resolved towards the smaller shift index.
+            for_pair = torch.full_like(best, float("inf")).scatter_reduce(0, p, d, "amin")
+            improved = for_pair < best
+            best = torch.where(improved, for_pair, best)
+            hit = d == for_pair[p]
+            first_shift = torch.full_like(best_shift, n_shifts).scatter_reduce(
+                0, p[hit], shift[s : s + chunk][hit], "amin"
+            )
+            best_shift = torch.where(improved, first_shift, best_shift)
+        unravel = torch.stack([(best_shift // strides[i]) % sizes[i] for i in range(nd)], dim=1)
+        return best, unravel
+
+    def __repr__(self) -> str:
+        return f"CyclicShifts(dims={self.dims})"

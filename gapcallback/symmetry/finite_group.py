@@ -1,0 +1,208 @@
+r"""Finite groups of isometries given as a list of transforms (flips, 90-degree rotations, ...).
+
+.. math:: d_G(y, z)^2 = \min_{g \in G} \lVert y - g\,z \rVert^2, \qquad G = \{g_1, \dots, g_{|G|}\}
+
+Search: for each :math:`g`, :func:`gapcallback.functional.knn.knn` finds the k nearest of the
+queries among :math:`g \cdot` ``points`` (exact, blocked GEMM); the :math:`|G| k` candidates are merged
+by point index (minimum over :math:`g`) and the k smallest distinct indices kept. This is exact: if
+point :math:`j` is among the k nearest in orbit distance, attained at :math:`g^*`, then fewer than k
+points are closer than :math:`j` under :math:`g^*`. Cost: :math:`|G|` times the plain search; memory:
+one transformed copy of ``points`` at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from gapcallback.functional.knn import KNNResult
+from gapcallback.functional.knn import knn as _plain_knn
+from gapcallback.symmetry._search import merge_topk
+from gapcallback.symmetry.base import Symmetry
+
+__all__ = ["FiniteGroup"]
+
+Transform = Callable[[Tensor], Tensor]
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+class FiniteGroup(Symmetry):
+    r"""A finite group of isometries :math:`G = \{g_1, \dots, g_{|G|}\}` acting on ``[N, *shape]``.
+
+    Args:
+        transforms: callables mapping a batch ``[B, *shape]`` to ``[B, *shape]``, each an orthogonal
+            linear map of the point (entry permutations, sign flips, rotations by 90 degrees...).
+            The identity is always part of the group: it is added in front (an identity passed in the
+            list is harmless; images equal to another element's on the data are skipped). The set
+            should be closed under composition and inverses for :math:`d_G` to be an orbit distance;
+            the constructors :meth:`flips`, :meth:`rotations90` and :meth:`dihedral` give full groups.
+        names: optional labels of the transforms (for ``repr``).
+
+    Attributes:
+        dimension: 0 (a finite group).
+        order: :math:`|G|`, the identity included.
+
+    Example:
+        >>> import torch
+        >>> from gapcallback.functional.knn import knn
+        >>> from gapcallback.symmetry import FiniteGroup
+        >>> x = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> knn(x.flip(-1), x, symmetry=FiniteGroup.flips(dims=(-1,))).sq_dists
+        tensor([[0.]])
+    """
+
+    def __init__(self, transforms: Sequence[Transform], *, names: Sequence[str] | None = None):
+        if isinstance(transforms, (str, bytes)) or not isinstance(transforms, Sequence):
+            raise TypeError(
+                "`transforms` must be a list of callables mapping [B, *shape] -> [B, *shape], got "
+                f"{type(transforms).__name__}."
+            )
+        for i, t in enumerate(transforms):
+            if not callable(t):
+                raise TypeError(f"`transforms[{i}]` is not callable: {t!r}.")
+        if names is not None and len(names) != len(transforms):
+            raise ValueError(
+                f"`names` has {len(names)} entries but there are {len(transforms)} transforms."
+            )
+        self.transforms: list[Transform] = [_identity, *transforms]
+        self.names: list[str] = [
+            "identity",
+            *(names or [f"g{i + 1}" for i in range(len(transforms))]),
+        ]
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        return len(self.transforms)
+
+    # ----------------------------------------------------------------------------- constructors
+    @classmethod
+    def flips(cls, dims: Sequence[int] = (-1,)) -> FiniteGroup:
+        """All combinations of reversals along ``dims`` (``2^len(dims)`` elements).
+
+        ``dims`` index the per-point shape from the end (``-1``: last axis).
+        """
+        dims = _point_dims(dims, "dims")
+        transforms: list[Transform] = []
+        names: list[str] = []
+        for mask in range(1, 2 ** len(dims)):
+            chosen = tuple(d for b, d in enumerate(dims) if mask >> b & 1)
+            transforms.append(lambda x, c=chosen: x.flip(c))
+            names.append(f"flip{chosen}")
+        return cls(transforms, names=names)
+
+    @classmethod
+    def rotations90(cls, dims: Sequence[int] = (-2, -1)) -> FiniteGroup:
+        """Rotations by 0, 90, 180, 270 degrees in the plane ``dims`` (square images), order 4."""
+        dims = _point_dims(dims, "dims")
+        if len(dims) != 2:
+            raise ValueError(f"`dims` must name two axes (the image plane), got {dims}.")
+        transforms: list[Transform] = [lambda x, r=r: torch.rot90(x, r, dims) for r in (1, 2, 3)]
+        return cls(transforms, names=[f"rot{90 * r}" for r in (1, 2, 3)])
+
+    @classmethod
+    def dihedral(cls, dims: Sequence[int] = (-2, -1)) -> FiniteGroup:
+        """The dihedral group of the square in the plane ``dims``: 4 rotations x reflection, order 8."""
+        dims = _point_dims(dims, "dims")
+        if len(dims) != 2:
+            raise ValueError(f"`dims` must name two axes (the image plane), got {dims}.")
+        transforms: list[Transform] = []
+        names: list[str] = []
+        for flip in (False, True):
+            for r in range(4):
+                if not flip and r == 0:
+                    continue
+                transforms.append(
+                    lambda x, r=r, f=flip: torch.rot90(x.flip(dims[1]) if f else x, r, dims)
+                )
+                names.append(f"{'flip-' if flip else ''}rot{90 * r}")
+        return cls(transforms, names=names)
+
+    # --------------------------------------------------------------------------------- action
+    def apply(self, x: Tensor, index: int) -> Tensor:
+        """``g_index x`` for a batch ``[N, *shape]``, checked to keep shape and norms."""
+        y = self.transforms[index](x)
+        if not isinstance(y, Tensor) or y.shape != x.shape:
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(
+                f"transform {self.names[index]!r} maps points of shape {tuple(x.shape[1:])} to "
+                f"{got[1:] if isinstance(got, tuple) else got}; every transform of a FiniteGroup must "
+                "keep the shape [N, *shape] (e.g. rot90 needs square images)."
+            )
+        if index:
+            xn = x.reshape(x.shape[0], -1).double().norm(dim=1)
+            yn = y.reshape(y.shape[0], -1).double().norm(dim=1)
+            tol = 1e-4 * xn.clamp_min(1e-30) + 1e-30
+            if not bool(((xn - yn).abs() <= tol).all()):
+                raise ValueError(
+                    f"transform {self.names[index]!r} changes the norm of the points, so it is not an "
+                    "isometry; FiniteGroup needs orthogonal maps (flips, rotations, permutations of "
+                    "entries)."
+                )
+        return y
+
+    def check_shape(self, x: Tensor, name: str) -> None:
+        for i in range(1, self.order):
+            try:
+                self.apply(x[:1], i)
+            except ValueError as err:
+                raise ValueError(f"`{name}`: {err}") from None
+            except (RuntimeError, IndexError) as err:
+                raise ValueError(
+                    f"`{name}` of shape {tuple(x.shape)} cannot be transformed by "
+                    f"{self.names[i]!r} ({err}); pass points of the shape the group acts on."
+                ) from None
+
+    def orbit(self, x: Tensor) -> Tensor:
+        """``[|G| * N, *shape]``: row ``g * N + i`` holds ``g_g x_i`` (identity first)."""
+        self.check_shape(x, "x")
+        return torch.cat([self.apply(x, g) for g in range(self.order)], dim=0)
+
+    def knn(
+        self, queries: Tensor, points: Tensor, k: int, *, exclude_self: bool = False
+    ) -> KNNResult:
+        self.check_shape(points, "points")
+        n = queries.shape[0]
+        best_d = torch.full((n, k), float("inf"), dtype=torch.float64, device=points.device)
+        best_i = torch.full((n, k), -1, dtype=torch.long, device=points.device)
+        images: list[Tensor] = []
+        for g in range(self.order):
+            moved = self.apply(points, g)
+            if any(torch.equal(moved, prev) for prev in images):
+                continue  # acts on the data like an element already searched
+            images.append(moved)
+            res = _plain_knn(queries, moved, k, exclude_self=exclude_self)
+            rows = torch.arange(n, device=points.device).repeat_interleave(k)
+            best_d, best_i = merge_topk(
+                best_d, best_i, rows, res.sq_dists.reshape(-1), res.indices.reshape(-1)
+            )
+        dtype = torch.float64 if torch.float64 in (queries.dtype, points.dtype) else torch.float32
+        return KNNResult(best_d.to(dtype), best_i)
+
+    def __repr__(self) -> str:
+        return f"FiniteGroup(order={self.order}, elements={self.names})"
+
+
+def _point_dims(dims: Sequence[int], name: str) -> tuple[int, ...]:
+    """Validate per-point axes and return them as negative indices (counted from the end)."""
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, Sequence) or not dims:
+        raise TypeError(f"`{name}` must be a non-empty tuple of ints, got {dims!r}.")
+    out = []
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"`{name}` must hold ints, got {d!r}.")
+        if d >= 0:
+            raise ValueError(
+                f"`{name}` indexes the per-point shape from the end and must be negative (-1 is the "
+                f"last axis), got {d}; e.g. (-2, -1) for the height and width of [N, C, H, W] images."
+            )
+        out.append(d)
+    if len(set(out)) != len(out):
+        raise ValueError(f"`{name}` has repeated axes: {tuple(dims)}.")
+    return tuple(out)
