@@ -1,0 +1,617 @@
+r"""Intrinsic dimension of a point set: TwoNN, Levina-Bickel MLE, gap slope, and a calibrated default.
+
+Every estimator reads the dimension off nearest-neighbour distances, so it sees the data at the
+scale of the neighbour distances (noise inflates the estimate at small scales; curvature and
+boundaries bias it at large ones: see :func:`multiscale_dimension` for the estimate vs scale).
+
+``"twonn"`` (Facco et al. 2017)
+    :math:`\mu_i = r_{2,i} / r_{1,i}` is Pareto(d) distributed, so
+    :math:`\hat d = (N - 1) / \sum_i \log \mu_i` (``fit="mle"``), or the slope of the fit through the
+    origin of :math:`-\log(1 - F(\mu))` vs :math:`\log \mu` after discarding the largest
+    ``discard`` fraction of :math:`\mu` (``fit="linear"``).
+``"mle"`` (Levina and Bickel 2004, pooled as MacKay and Ghahramani 2005)
+    :math:`\hat d = (k - 1) / \frac1N \sum_i \sum_{j<k} \log(T_{k,i} / T_{j,i})`, with
+    :math:`T_{j,i}` the distance to the j-th neighbour (``k - 1``, not ``k - 2``: the latter is a
+    known bug, biased low by :math:`(k-2)/(k-1)`).
+``"gap"``
+    Subsample a training split at sizes :math:`n_1 < \dots < n_K`, measure the representation gap
+    :math:`R_n` of a held-out split, :math:`\hat d = -p / \text{slope}(\log R_n \text{ vs } \log n)`
+    (:func:`gap_slope_dimension`).
+``"calibrated"`` (default)
+    Every nearest-neighbour estimator underestimates large d at small N (a 10-cube with N = 5000
+    reads about 8.3). As in DANCo (Ceruti et al. 2014), the raw ``"mle"`` statistic is compared with
+    the same statistic on simulated data of known dimension with the same number of points and the
+    same k: uniform samples of the sphere :math:`S^d` (no boundary, so neither of the two biases
+    dominates), for d = 1, 2, ... until the simulated statistic passes the observed one, and
+    :math:`\hat d` is read off the curve by linear interpolation. Simulations are seeded and cached
+    by ``(n, k)``, so the estimate is deterministic.
+
+Duplicates and near-duplicates (distance below ``dup_tol`` times the data's RMS radius) would give
+:math:`r_1 = 0` and break every estimator; they are merged first (one representative per group).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gapcallback.functional.knn import knn
+from gapcallback.functional.representation_gap import representation_gap
+from gapcallback.utils.checks import (
+    check_exponent,
+    check_point_set,
+    check_positive_int,
+    check_same_device,
+    check_same_features,
+    compute_dtype,
+)
+
+__all__ = [
+    "METHODS",
+    "DimensionEstimate",
+    "GapSlope",
+    "MultiscaleDimension",
+    "deduplicate",
+    "gap_slope_dimension",
+    "intrinsic_dimension",
+    "intrinsic_dimension_estimate",
+    "multiscale_dimension",
+]
+
+METHODS = ("calibrated", "twonn", "mle", "gap")
+"""Names accepted by ``method=``; the first is the default."""
+
+DEFAULT_DUP_TOL = 1e-6
+"""Default duplicate tolerance, relative to the RMS distance of the points to their mean."""
+
+_CALIBRATION_MAX_POINTS = 4000  # larger sets are split into equal chunks of at most this size
+_CALIBRATION_MIN_SIM_POINTS = 12000  # simulated points per grid dimension (split into repeats)
+_CALIBRATION_MAX_DIM = 512
+
+
+class DimensionEstimate(NamedTuple):
+    """Result of :func:`intrinsic_dimension_estimate`.
+
+    Attributes:
+        dimension: 0-dim tensor, the estimate :math:`\\hat d`.
+        std: 0-dim tensor, its standard error (analytic delta method, or the spread of the fit).
+        method: the method name.
+        n_points: points used after merging duplicates.
+        details: method-specific extras (``k``, ``raw`` uncalibrated value, ``sizes``/``gaps`` ...).
+    """
+
+    dimension: Tensor
+    std: Tensor
+    method: str
+    n_points: int
+    details: dict[str, Any]
+
+
+class GapSlope(NamedTuple):
+    """Result of :func:`gap_slope_dimension`.
+
+    Attributes:
+        dimension: 0-dim tensor, :math:`-p / \\text{slope}`.
+        std: 0-dim tensor, standard error from the least-squares fit (delta method).
+        sizes: ``[K]`` int64 subsample sizes :math:`n_k`.
+        gaps: ``[K, repeats]`` representation gaps :math:`R_{n_k}` (one column per repeat).
+    """
+
+    dimension: Tensor
+    std: Tensor
+    sizes: Tensor
+    gaps: Tensor
+
+
+class MultiscaleDimension(NamedTuple):
+    """Result of :func:`multiscale_dimension` (ordered from small to large scale).
+
+    Attributes:
+        scales: ``[K]`` median neighbour distance at which each estimate looks at the data.
+        dimensions: ``[K]`` estimates.
+        stds: ``[K]`` standard errors (spread over repeats when ``repeats > 1``, else analytic).
+        sizes: ``[K]`` int64 number of points behind each estimate.
+    """
+
+    scales: Tensor
+    dimensions: Tensor
+    stds: Tensor
+    sizes: Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def intrinsic_dimension(x: Tensor, method: str = "calibrated", **options: Any) -> Tensor:
+    r"""Intrinsic dimension of the points ``x`` (0-dim tensor).
+
+    Args:
+        x: ``[N, D]`` or ``[N, *dims]`` points (trailing dimensions flattened).
+        method: ``"calibrated"`` (default, the most accurate), ``"twonn"``, ``"mle"`` or ``"gap"``.
+        **options: method options, see :func:`intrinsic_dimension_estimate`.
+
+    Returns:
+        0-dim tensor on ``x.device`` (float32, float64 for float64 input).
+
+    Example:
+        >>> import torch
+        >>> from gapcallback.functional.intrinsic_dimension import intrinsic_dimension
+        >>> g = torch.Generator().manual_seed(0)
+        >>> plane = torch.rand(2000, 2, generator=g) @ torch.randn(2, 10, generator=g)
+        >>> round(float(intrinsic_dimension(plane)))
+        2
+    """
+    return intrinsic_dimension_estimate(x, method, **options).dimension
+
+
+def intrinsic_dimension_estimate(
+    x: Tensor, method: str = "calibrated", **options: Any
+) -> DimensionEstimate:
+    r"""Intrinsic dimension of ``x`` with its standard error and diagnostics.
+
+    Args:
+        x: ``[N, D]`` or ``[N, *dims]`` points.
+        method: one of :data:`METHODS`.
+        **options: common: ``dup_tol`` (float, default ``1e-6``: points closer than
+            ``dup_tol * rms_radius`` are merged; ``0`` merges exact duplicates only).
+            ``"twonn"``: ``fit`` (``"mle"`` or ``"linear"``), ``discard`` (fraction of largest
+            :math:`\mu` dropped by the linear fit, default 0.1).
+            ``"mle"``: ``k`` (default 10).
+            ``"calibrated"``: ``k`` (default 5), ``seed`` (simulation seed, default 0).
+            ``"gap"``: ``p`` (2.0), ``holdout`` (0.2), ``sizes``, ``repeats`` (3),
+            ``generator`` (a ``torch.Generator``; default seeded with 0).
+
+    Returns:
+        :class:`DimensionEstimate`.
+
+    Raises:
+        TypeError, ValueError: bad input (1-D input, NaN/Inf, fewer than 3 distinct points, constant
+            data, unknown method or options, too few points for the neighbours asked).
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    x = check_point_set(x, "x")
+    dup_tol = options.pop("dup_tol", DEFAULT_DUP_TOL)
+    if isinstance(dup_tol, bool) or not isinstance(dup_tol, (int, float)) or not dup_tol >= 0:
+        raise ValueError(f"`dup_tol` must be a number >= 0, got {dup_tol!r}.")
+    out_dtype = compute_dtype(x)
+    points = deduplicate(x.reshape(x.shape[0], -1), float(dup_tol))
+    n = points.shape[0]
+    if n < 3:
+        kind = "constant data (all points identical" if n == 1 else "only 2 distinct points ("
+        raise ValueError(
+            f"`x` has {kind} within dup_tol={dup_tol}); the intrinsic dimension needs at least 3"
+            " distinct points. Pass more (distinct) points."
+        )
+    if method == "twonn":
+        fit = options.pop("fit", "mle")
+        discard = options.pop("discard", 0.1)
+        _no_extra(options, method)
+        d, s, det = _twonn(points, fit, discard)
+    elif method == "mle":
+        k = options.pop("k", 10)
+        _no_extra(options, method)
+        d, s, det = _mle(points, k)
+    elif method == "calibrated":
+        k = options.pop("k", 5)
+        seed = options.pop("seed", 0)
+        _no_extra(options, method)
+        d, s, det = _calibrated(points, k, seed)
+    else:
+        p = options.pop("p", 2.0)
+        holdout = options.pop("holdout", 0.2)
+        sizes = options.pop("sizes", None)
+        repeats = options.pop("repeats", 3)
+        generator = options.pop("generator", None)
+        _no_extra(options, method)
+        d, s, det = _gap(points, p, holdout, sizes, repeats, generator)
+    as_t = lambda v: torch.tensor(v, dtype=out_dtype, device=x.device)  # noqa: E731
+    return DimensionEstimate(as_t(d), as_t(s), method, n, det)
+
+
+def gap_slope_dimension(
+    train: Tensor,
+    reference: Tensor,
+    sizes: Sequence[int] | Tensor | None = None,
+    repeats: int = 3,
+    p: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> GapSlope:
+    r"""Dimension from the slope of :math:`\log R_n` vs :math:`\log n` over subsampled training sets.
+
+    For each size :math:`n_k` and repeat, a random subset of ``n_k`` training points is drawn
+    (without replacement) and the representation gap
+    :math:`R_{n} = \frac1m \sum_i \min_j \lVert y_i - z_j \rVert^p` of ``reference`` against it is
+    measured. Since :math:`R_n \propto n^{-p/d}`, a least-squares line through all
+    :math:`(\log n_k, \log R)` pairs gives :math:`\hat d = -p / \text{slope}`, with standard error
+    :math:`p\, \sigma_{\text{slope}} / \text{slope}^2`.
+
+    Args:
+        train: ``[n, D]`` (or ``[n, *dims]``) training points.
+        reference: ``[m, D]`` held-out points (should share no point with ``train``).
+        sizes: increasing subsample sizes in ``[1, n]`` (at least 2 distinct); default 6 sizes
+            geometrically spaced from ``max(8, n // 32)`` to ``n``.
+        repeats: subsamples per size (>= 1; the full set is drawn once).
+        p: loss exponent (default 2).
+        generator: ``torch.Generator`` for the subsampling (CPU); default seeded with 0.
+
+    Returns:
+        :class:`GapSlope` ``(dimension, std, sizes [K], gaps [K, repeats])``.
+    """
+    train = check_point_set(train, "train")
+    reference = check_point_set(reference, "reference")
+    check_same_device(train, reference, "train", "reference")
+    check_same_features(train, reference, "train", "reference")
+    p = check_exponent(p)
+    repeats = check_positive_int(repeats, "repeats")
+    generator = _generator(generator)
+    n = train.shape[0]
+    size_list = _gap_sizes(n, sizes)
+    gaps = torch.empty(len(size_list), repeats, dtype=torch.float64)
+    for a, size in enumerate(size_list):
+        for r in range(repeats):
+            if size == n:
+                subset = train
+            else:
+                idx = torch.randperm(n, generator=generator)[:size].to(train.device)
+                subset = train[idx]
+            gaps[a, r] = float(representation_gap(reference, subset, p=p))
+    if not bool((gaps > 0).all()):
+        raise ValueError(
+            "A representation gap is exactly 0: every `reference` point is also in `train`. Use a"
+            " held-out `reference` that shares no point with `train` (or deduplicate first)."
+        )
+    log_n = torch.tensor([math.log(s) for s in size_list], dtype=torch.float64)
+    log_n = log_n[:, None].expand(-1, repeats).reshape(-1)
+    slope, slope_std = _line_slope(log_n, gaps.log().reshape(-1))
+    if not slope < 0:
+        raise ValueError(
+            f"The gap does not decrease with n (slope {slope:.3g} of log R vs log n); the data look"
+            " like noise or too few points. Use more points or larger `sizes`."
+        )
+    dtype = compute_dtype(train, reference)
+    dim = torch.tensor(-p / slope, dtype=dtype, device=train.device)
+    std = torch.tensor(p * slope_std / slope**2, dtype=dtype, device=train.device)
+    return GapSlope(
+        dim, std, torch.tensor(size_list, dtype=torch.long), gaps.to(dtype).to(train.device)
+    )
+
+
+def multiscale_dimension(
+    x: Tensor,
+    method: str = "twonn",
+    *,
+    sizes: Sequence[int] | None = None,
+    repeats: int = 3,
+    k: int = 10,
+    dup_tol: float = DEFAULT_DUP_TOL,
+    generator: torch.Generator | None = None,
+) -> MultiscaleDimension:
+    r"""Estimate vs neighbourhood scale: ``"twonn"`` or ``"mle"`` on subsamples of decreasing size.
+
+    A subsample of ``n`` points has neighbour distances :math:`\propto n^{-1/d}`, so shrinking ``n``
+    looks at the data at larger scales. A plateau is the dimension; noise of size
+    :math:`\sigma` shows up as a rise at scales near :math:`\sigma`, curvature and boundaries as a
+    drift at large scales. The reported scale is the median first-neighbour distance
+    (``"twonn"``) or k-th neighbour distance (``"mle"``).
+
+    Args:
+        x: ``[N, D]`` points.
+        method: ``"twonn"`` or ``"mle"`` (raw estimators; calibration would hide the drift).
+        sizes: subsample sizes; default ``N, N/2, N/4, ...`` down to ``max(4 k, 20)``.
+        repeats: subsamples per size (the full set once).
+        k: neighbours for ``"mle"``.
+        dup_tol: duplicate tolerance (see :func:`intrinsic_dimension_estimate`).
+        generator: ``torch.Generator`` for subsampling; default seeded with 0.
+
+    Returns:
+        :class:`MultiscaleDimension` ordered by increasing scale.
+    """
+    if method not in ("twonn", "mle"):
+        raise ValueError(
+            f"`method` must be 'twonn' or 'mle' for the multiscale view, got {method!r}."
+        )
+    x = check_point_set(x, "x")
+    repeats = check_positive_int(repeats, "repeats")
+    k = check_positive_int(k, "k", minimum=2)
+    generator = _generator(generator)
+    points = deduplicate(x.reshape(x.shape[0], -1), float(dup_tol))
+    n = points.shape[0]
+    smallest = 4 if method == "twonn" else k + 2
+    if n < smallest:
+        raise ValueError(f"`x` has {n} distinct points; the multiscale view needs >= {smallest}.")
+    if sizes is None:
+        size_list, s = [], n
+        while s >= max(smallest, min(n, 4 * k if method == "mle" else 20)):
+            size_list.append(s)
+            s //= 2
+    else:
+        size_list = sorted({int(s) for s in sizes}, reverse=True)
+        if not size_list or size_list[-1] < smallest or size_list[0] > n:
+            raise ValueError(
+                f"`sizes` must lie in [{smallest}, {n}] (distinct points), got {sizes}."
+            )
+    scales, dims, stds = [], [], []
+    for size in size_list:
+        vals, scl, ana = [], [], []
+        for _ in range(1 if size == n else repeats):
+            sub = points if size == n else points[torch.randperm(n, generator=generator)[:size]]
+            if method == "twonn":
+                d, s, det = _twonn(sub, "mle", 0.1)
+            else:
+                d, s, det = _mle(sub, k)
+            vals.append(d)
+            ana.append(s)
+            scl.append(det["scale"])
+        dims.append(float(np.mean(vals)))
+        stds.append(float(np.std(vals, ddof=1)) / math.sqrt(len(vals)) if len(vals) > 1 else ana[0])
+        scales.append(float(np.median(scl)))
+    dtype = compute_dtype(x)
+    order = list(range(len(size_list)))[::-1]
+
+    def _t(v: list[float]) -> Tensor:
+        return torch.tensor([v[i] for i in order], dtype=dtype, device=x.device)
+
+    return MultiscaleDimension(
+        _t(scales), _t(dims), _t(stds), torch.tensor([size_list[i] for i in order])
+    )
+
+
+@torch.no_grad()
+def deduplicate(x: Tensor, dup_tol: float = DEFAULT_DUP_TOL) -> Tensor:
+    r"""Merge duplicates and near-duplicates: keep one point of every group closer than the tolerance.
+
+    Point ``i`` is dropped when a lower-indexed point lies within ``dup_tol * rms_radius`` (RMS
+    distance of the points to their mean), so exactly one representative of each group survives
+    (the first). ``dup_tol = 0`` merges exact duplicates only.
+
+    Args:
+        x: ``[N, D]`` points (validated by the caller).
+        dup_tol: relative tolerance (>= 0).
+
+    Returns:
+        ``[N', D]`` the kept points, in their original order.
+    """
+    n = x.shape[0]
+    if n < 2:
+        return x
+    xd = x.to(compute_dtype(x))
+    radius = float((xd - xd.mean(0)).square().sum(1).mean().sqrt())
+    tol_sq = (dup_tol * radius) ** 2
+    k = min(8, n - 1)
+    while True:
+        res = knn(xd, xd, k, exclude_self=True)
+        within = res.sq_dists <= tol_sq
+        if k == n - 1 or not bool(within[:, -1].any()):
+            break
+        k = min(4 * k, n - 1)
+    rows = torch.arange(n, device=x.device)[:, None]
+    drop = (within & (res.indices < rows)).any(dim=1)
+    return x[~drop] if bool(drop.any()) else x
+
+
+# ----------------------------------------------------------------------------------------------
+# estimators on validated, deduplicated [N, D] points; each returns (dim, std, details)
+# ----------------------------------------------------------------------------------------------
+
+
+def _log_neighbour_dists(points: Tensor, k: int) -> Tensor:
+    """``[N, k]`` float64 log-distances to the k nearest other points (CPU)."""
+    sq = knn(points, points, k, exclude_self=True).sq_dists
+    return 0.5 * sq.to(device="cpu", dtype=torch.float64).log()
+
+
+def _twonn(points: Tensor, fit: str, discard: float) -> tuple[float, float, dict[str, Any]]:
+    if fit not in ("mle", "linear"):
+        raise ValueError(f"`fit` must be 'mle' or 'linear', got {fit!r}.")
+    if isinstance(discard, bool) or not isinstance(discard, (int, float)) or not 0 <= discard < 1:
+        raise ValueError(f"`discard` must be a fraction in [0, 1), got {discard!r}.")
+    log_r = _log_neighbour_dists(points, 2)
+    log_mu = log_r[:, 1] - log_r[:, 0]
+    n = log_mu.numel()
+    details: dict[str, Any] = {"fit": fit, "scale": float(log_r[:, 0].exp().median())}
+    if fit == "mle":
+        total = float(log_mu.sum())
+        if total <= 0:
+            raise ValueError(
+                "All first and second neighbour distances are equal; TwoNN is undefined."
+            )
+        d = (n - 1) / total
+        # Posterior of d given Pareto ratios is Gamma(N, sum log mu): sd = d / sqrt(N).
+        return d, d / math.sqrt(n), details
+    # Linear fit through the origin of -log(1 - F) against log(mu), largest `discard` dropped.
+    sorted_mu = log_mu.sort().values
+    keep = max(2, int(math.floor(n * (1.0 - discard))))
+    xs = sorted_mu[:keep]
+    ys = -torch.log1p(-torch.arange(1, keep + 1, dtype=torch.float64) / n)
+    denom = float((xs * xs).sum())
+    if denom <= 0:
+        raise ValueError("All first and second neighbour distances are equal; TwoNN is undefined.")
+    d = float((xs * ys).sum()) / denom
+    resid = ys - d * xs
+    # Residuals of an empirical CDF are strongly correlated; inflate by the MLE-form error floor.
+    std = max(math.sqrt(float(resid.square().sum()) / max(1, keep - 1) / denom), d / math.sqrt(n))
+    details["discard"] = float(discard)
+    return d, std, details
+
+
+def _mle(points: Tensor, k: object) -> tuple[float, float, dict[str, Any]]:
+    k = check_positive_int(k, "k", minimum=2)
+    n = points.shape[0]
+    if k > n - 1:
+        raise ValueError(
+            f"k={k} neighbours need at least k + 1 = {k + 1} distinct points, got {n}; lower `k` or"
+            " pass more points."
+        )
+    log_r = _log_neighbour_dists(points, k)
+    s = (log_r[:, k - 1 : k] - log_r[:, : k - 1]).sum(dim=1)  # sum_{j<k} log(T_k / T_j)
+    mean = float(s.mean())
+    if mean <= 0:
+        raise ValueError("All k nearest-neighbour distances are equal; the MLE is undefined.")
+    d = (k - 1) / mean
+    spread = float(s.std()) if n > 1 else 0.0
+    std = d * spread / (mean * math.sqrt(n))
+    return d, std, {"k": k, "scale": float(log_r[:, k - 1].exp().median())}
+
+
+def _calibrated(points: Tensor, k: object, seed: object) -> tuple[float, float, dict[str, Any]]:
+    k = check_positive_int(k, "k", minimum=2)
+    seed = check_positive_int(seed, "seed", minimum=0)
+    n = points.shape[0]
+    if k > n - 1:
+        raise ValueError(
+            f"k={k} neighbours need at least k + 1 = {k + 1} distinct points, got {n}; lower `k` or"
+            " pass more points."
+        )
+    chunks = max(1, math.ceil(n / _CALIBRATION_MAX_POINTS))
+    size = n // chunks
+    if chunks == 1:
+        raw, raw_std, _ = _mle(points, k)
+    else:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(points.device)
+        vals = [_mle(points[perm[c * size : (c + 1) * size]], k) for c in range(chunks)]
+        raw = float(np.mean([v[0] for v in vals]))
+        raw_std = math.sqrt(sum(v[1] ** 2 for v in vals)) / chunks
+    dims, curve = _calibration_curve(size, k, seed, raw, points.shape[1])
+    d = _invert(dims, curve, raw)
+    slope = _invert(dims, curve, raw + 1e-3 * max(raw, 1e-3)) - d
+    std = raw_std * slope / (1e-3 * max(raw, 1e-3))
+    return (
+        d,
+        std,
+        {"k": k, "raw": raw, "calibration_points": size, "chunks": chunks, "reference": "sphere"},
+    )
+
+
+def _gap(
+    points: Tensor, p: object, holdout: object, sizes: Any, repeats: object, generator: Any
+) -> tuple[float, float, dict[str, Any]]:
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
+        raise ValueError(f"`holdout` must be a fraction in (0, 1), got {holdout!r}.")
+    generator = _generator(generator)
+    n = points.shape[0]
+    m = max(1, round(n * holdout))
+    if n - m < 2:
+        raise ValueError(
+            f"The gap method needs at least 2 training points; got {n} distinct points."
+        )
+    perm = torch.randperm(n, generator=generator).to(points.device)
+    res = gap_slope_dimension(
+        points[perm[m:]],
+        points[perm[:m]],
+        sizes,
+        repeats,
+        p,
+        generator,  # type: ignore[arg-type]
+    )
+    return (
+        float(res.dimension),
+        float(res.std),
+        {"sizes": res.sizes, "gaps": res.gaps, "p": float(p)},  # type: ignore[arg-type]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration against simulated spheres
+# ----------------------------------------------------------------------------------------------
+
+
+def _sphere_mle(dim: int, n: int, k: int, seed: int) -> float:
+    """Pooled MLE of uniform samples of :math:`S^{dim}` (n points each; enough repeats)."""
+    repeats = max(1, math.ceil(_CALIBRATION_MIN_SIM_POINTS / n))
+    gen = torch.Generator().manual_seed(1_000_003 * seed + 7919 * dim + 31 * n + k)
+    total = 0.0
+    for _ in range(repeats):
+        z = torch.randn(n, dim + 1, generator=gen, dtype=torch.float64)
+        z = z / z.norm(dim=1, keepdim=True)
+        log_r = _log_neighbour_dists(z, k)
+        total += float((log_r[:, k - 1 : k] - log_r[:, : k - 1]).sum(dim=1).mean())
+    return (k - 1) / (total / repeats)
+
+
+@lru_cache(maxsize=64)
+def _sphere_curve_point(dim: int, n: int, k: int, seed: int) -> float:
+    return _sphere_mle(dim, n, k, seed)
+
+
+def _calibration_curve(
+    n: int, k: int, seed: int, target: float, ambient: int
+) -> tuple[list[float], list[float]]:
+    """Grid of dimensions and the simulated statistic, extended until it passes ``target``."""
+    dims: list[float] = []
+    curve: list[float] = []
+    dim = 1
+    top = min(_CALIBRATION_MAX_DIM, max(ambient, 2))
+    while True:
+        value = _sphere_curve_point(dim, n, k, seed)
+        dims.append(float(dim))
+        curve.append(max(value, curve[-1]) if curve else value)  # monotone envelope
+        if value > target or dim >= top:
+            break
+        dim = dim + 1 if dim < 12 else min(top, max(dim + 1, round(dim * 1.15)))
+    return dims, curve
+
+
+def _invert(dims: list[float], curve: list[float], value: float) -> float:
+    """Linear interpolation of ``dims`` at ``value`` on the increasing ``curve``."""
+    if value <= curve[0]:
+        return dims[0] * value / curve[0]
+    if value >= curve[-1]:
+        return dims[-1]
+    return float(np.interp(value, curve, dims))
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _no_extra(options: dict[str, Any], method: str) -> None:
+    if options:
+        raise TypeError(
+            f"Unknown option(s) {sorted(options)} for method {method!r}; see "
+            "`intrinsic_dimension_estimate` for the options of each method."
+        )
+
+
+def _generator(generator: object) -> torch.Generator:
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+    return generator
+
+
+def _gap_sizes(n: int, sizes: Sequence[int] | Tensor | None) -> list[int]:
+    if sizes is None:
+        lo = max(8, n // 32)
+        if n < 2 * lo:
+            lo = max(1, n // 4)
+        if lo >= n:
+            raise ValueError(f"`train` has {n} points; the gap slope needs at least 2.")
+        grid = np.unique(np.round(np.geomspace(lo, n, 6)).astype(int))
+        return [int(v) for v in grid]
+    values = [int(v) for v in (sizes.tolist() if isinstance(sizes, Tensor) else sizes)]
+    if len(set(values)) < 2 or any(v < 1 or v > n for v in values):
+        raise ValueError(
+            f"`sizes` must hold at least 2 distinct subsample sizes in [1, {n}], got {values}."
+        )
+    return sorted(set(values))
+
+
+def _line_slope(xs: Tensor, ys: Tensor) -> tuple[float, float]:
+    """Least-squares slope and its standard error."""
+    xc = xs - xs.mean()
+    sxx = float(xc.square().sum())
+    slope = float((xc * (ys - ys.mean())).sum()) / sxx
+    resid = ys - ys.mean() - slope * xc
+    dof = max(1, xs.numel() - 2)
+    return slope, math.sqrt(float(resid.square().sum()) / dof / sxx)
