@@ -429,7 +429,7 @@ def _twonn(points: Tensor, fit: str, discard: float) -> tuple[float, float, dict
         return d, d / math.sqrt(n), details
     # Linear fit through the origin of -log(1 - F) against log(mu), largest `discard` dropped.
     sorted_mu = log_mu.sort().values
-    keep = max(2, int(math.floor(n * (1.0 - discard))))
+    keep = max(2, math.floor(n * (1.0 - discard)))
     xs = sorted_mu[:keep]
     ys = -torch.log1p(-torch.arange(1, keep + 1, dtype=torch.float64) / n)
     denom = float((xs * xs).sum())

@@ -185,15 +185,14 @@ def _knn_exact(
         x_centred = x - centre
         q_norms = q_centred.square().sum(dim=1)
         x_norms = x_centred.square().sum(dim=1)
-        # NaN/Inf in an input shows up in its norms: one cheap test instead of a full pass.
-        for norms, original, name in ((q_norms, queries, "queries"), (x_norms, points, "points")):
-            if not bool(torch.isfinite(norms).all()):
-                check_finite(original, name)
-                raise ValueError(
-                    f"`queries`/`points` hold values too large for {dtype} (squared norms of `{name}` overflow"
-                    " after centring on the mean of `points`); rescale the"
-                    " data or pass float64 tensors."
-                )
+        # NaN/Inf in an input shows up in the norms: one cheap test instead of a full pass.
+        if not bool(torch.isfinite(q_norms).all() & torch.isfinite(x_norms).all()):
+            check_finite(queries, "queries")
+            check_finite(points, "points")
+            raise ValueError(
+                f"`queries`/`points` hold values too large for {dtype} (squared norms overflow);"
+                " rescale the data or pass float64 tensors."
+            )
         eps = torch.finfo(dtype).eps
         # Twice the forward error bound of the expansion, per query row.
         slack = 2.0 * (2 * dim + 8) * eps * (q_norms + x_norms.max())
