@@ -1,17 +1,35 @@
 """gapcallback: watch why a model generalizes, geometrically, while it trains.
 
-Public API (see ``../DESIGN.md``)::
+Public API (see the README)::
 
     import gapcallback as gc
     from gapcallback import functional as F
 
-    F.knn, F.representation_gap, F.memorization      # functional/
-    gc.RepresentationGap                              # metrics/
+    F.knn, F.representation_gap, F.memorization, F.intrinsic_dimension   # functional/
+    gc.RepresentationGap, gc.IntrinsicDimension                          # metrics/
+    gc.GapLaw                                                            # law.py
+    gc.GapCallback, gc.GapEarlyStopping, gc.GradientSNR                  # callbacks/
+    gapcallback.symmetry: FiniteGroup, CyclicShifts, RigidMotions, Permutations
+    gapcallback.optim: PopulationRiskAdamW
 """
 
-from gapcallback import functional
-from gapcallback.metrics import RepresentationGap
+from gapcallback import functional, optim, symmetry
+from gapcallback.callbacks import GapCallback, GapEarlyStopping, GapEvaluationWarning, GradientSNR
+from gapcallback.law import GapLaw
+from gapcallback.metrics import IntrinsicDimension, RepresentationGap
 
 __version__ = "0.1.0"
 
-__all__ = ["RepresentationGap", "__version__", "functional"]
+__all__ = [
+    "GapCallback",
+    "GapEarlyStopping",
+    "GapEvaluationWarning",
+    "GapLaw",
+    "GradientSNR",
+    "IntrinsicDimension",
+    "RepresentationGap",
+    "__version__",
+    "functional",
+    "optim",
+    "symmetry",
+]

@@ -1,21 +1,59 @@
-"""Pure tensor functions (no state), torchmetrics style.
+"""Pure tensor functions (no state), torchmetrics style. Where each formula lives:
 
-==========================  ===============================================================
-``knn``                     exact k nearest neighbours (``functional/knn.py``)
-``representation_gap``      mean distance from references to nearest samples
-``memorization``            fraction of samples copying a training point (Gu et al. 2023)
-==========================  ===============================================================
+=================================  ==========================================================
+``knn``                            ``functional/knn.py``: exact k nearest neighbours
+``representation_gap``             ``functional/representation_gap.py``
+``memorization``                   ``functional/memorization.py`` (Gu et al. 2023)
+``intrinsic_dimension`` (+ ...)    ``functional/intrinsic_dimension.py``: TwoNN, MLE, gap
+                                   slope, calibrated default, multiscale view
+``gradient_snr`` (+ ...)           ``functional/gradient_snr.py``: per-sample gradients, SNR,
+                                   one-step generalization ratio (Liu et al. 2020)
+=================================  ==========================================================
 """
 
+from gapcallback.functional.gradient_snr import (
+    StreamingGradientMoments,
+    gradient_moments,
+    gradient_snr,
+    one_step_generalization_ratio,
+    osgr_weights,
+    per_sample_gradients,
+    predicted_gap_growth,
+)
+from gapcallback.functional.intrinsic_dimension import (
+    DimensionEstimate,
+    GapSlope,
+    MultiscaleDimension,
+    deduplicate,
+    gap_slope_dimension,
+    intrinsic_dimension,
+    intrinsic_dimension_estimate,
+    multiscale_dimension,
+)
 from gapcallback.functional.knn import KNNResult, knn
 from gapcallback.functional.memorization import MemorizationResult, memorization
 from gapcallback.functional.representation_gap import gap_from_sq_dists, representation_gap
 
 __all__ = [
+    "DimensionEstimate",
+    "GapSlope",
     "KNNResult",
     "MemorizationResult",
+    "MultiscaleDimension",
+    "StreamingGradientMoments",
+    "deduplicate",
     "gap_from_sq_dists",
+    "gap_slope_dimension",
+    "gradient_moments",
+    "gradient_snr",
+    "intrinsic_dimension",
+    "intrinsic_dimension_estimate",
     "knn",
     "memorization",
+    "multiscale_dimension",
+    "one_step_generalization_ratio",
+    "osgr_weights",
+    "per_sample_gradients",
+    "predicted_gap_growth",
     "representation_gap",
 ]

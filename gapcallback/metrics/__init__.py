@@ -1,5 +1,6 @@
 """``torchmetrics.Metric`` classes over the functional layer."""
 
+from gapcallback.metrics.intrinsic_dimension import IntrinsicDimension
 from gapcallback.metrics.representation_gap import RepresentationGap
 
-__all__ = ["RepresentationGap"]
+__all__ = ["IntrinsicDimension", "RepresentationGap"]

@@ -1,0 +1,667 @@
+r"""``GapCallback``: sample from the model during training and log predicted vs observed gap.
+
+Every ``every_n_epochs`` epochs (or ``every_n_train_steps`` steps) the callback draws
+``num_samples`` samples from the model (split across DDP ranks), streams them through a
+:class:`~gapcallback.metrics.RepresentationGap` against the reference points, and logs through
+``pl_module.log`` (so every attached logger, ``EarlyStopping`` and ``ModelCheckpoint`` see it):
+
+================================  ==================================================================
+key                               meaning
+================================  ==================================================================
+``gap/observed``                  :math:`\frac1m\sum_i \min_j \lVert y_i - z_j\rVert^p`, references
+                                  :math:`y` to model samples :math:`z`
+``gap/memorization``              the same with the training set in place of the samples: the gap
+                                  of a model that reproduces its training set (the memorization line)
+``gap/predicted``                 the law :math:`J\,n^{-p/d}` at the training-set size ``n``
+``gap/ratio``                     ``observed / predicted`` (``observed / memorization`` without a
+                                  law): > 1 the model is short of the optimum, ~1 at it, < 1 it
+                                  produces points closer to unseen data than its training set is
+``gap/effective_n``               training-set size at which the law reaches the observed gap
+``gap/memorized_fraction``        fraction of samples with :math:`d_1 < \text{ratio}\,d_2` to the
+                                  training set (Gu et al. 2023)
+``id/data``                       intrinsic dimension of the training data (references without it)
+``id/samples``                    intrinsic dimension of the model samples
+``id/law``                        dimension fitted by the law (slope of the gap)
+``gap/skipped_evaluations``       number of evaluations skipped because of a fault so far
+================================  ==================================================================
+
+Everything that depends only on the data (law fit, ``id/data``, the memorization line) is
+computed once at the start of fitting and kept in the callback's ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from gapcallback.functional.intrinsic_dimension import intrinsic_dimension
+from gapcallback.functional.memorization import memorization
+from gapcallback.functional.representation_gap import representation_gap
+from gapcallback.law import GapLaw
+from gapcallback.metrics.intrinsic_dimension import IntrinsicDimension
+from gapcallback.metrics.representation_gap import RepresentationGap
+from gapcallback.symmetry.base import Symmetry
+from gapcallback.utils.checks import check_exponent, check_positive_int
+from gapcallback.utils.data import Transform, collect_points
+from gapcallback.utils.rng import derive_seed, isolated_rng
+
+__all__ = ["GapCallback", "GapEvaluationWarning"]
+
+Sampler = Callable[..., Tensor]
+
+
+class GapEvaluationWarning(UserWarning):
+    """An evaluation of :class:`GapCallback` was skipped (failing sampler, NaN samples, ...)."""
+
+
+class _EvaluationFault(Exception):
+    """Raised inside an evaluation for faults of the user's sampler or its output."""
+
+
+class GapCallback(Callback):
+    r"""Measure the representation gap of a generative model while it trains.
+
+    Args:
+        reference: held-out data points :math:`y_i`: a tensor ``[m, *dims]`` or a DataLoader /
+            iterable of batches (e.g. ``datamodule.val_dataloader()``).
+        train: the training set (tensor or DataLoader). Enables ``gap/memorization``,
+            ``gap/memorized_fraction``, the law (``gap/predicted``) and ``id/data`` on it.
+        sampler: ``sampler(pl_module, n) -> Tensor [n, *dims]``; when ``None`` the callback calls
+            ``pl_module.sample(n)``. Either is passed ``generator=`` (a seeded
+            ``torch.Generator`` on the module's device) if its signature accepts it.
+        num_samples: samples per evaluation, split across DDP ranks.
+        every_n_epochs: evaluate at the end of every n-th training epoch (``None``/0: never).
+        every_n_train_steps: evaluate every n optimizer steps (``None``: never).
+        p: loss exponent of the gap, :math:`\lVert y - z \rVert^p`.
+        transform: maps a batch (tensor) to task-space vectors; applied to reference and
+            training batches and to samples alike (e.g. a feature extractor or a flatten).
+        symmetry: a :class:`gapcallback.symmetry.Symmetry`: all distances become orbit distances.
+        sample_batch_size: samples drawn per call of the sampler (bounds memory).
+        law: ``True`` fits a :class:`~gapcallback.law.GapLaw` on ``train`` vs ``reference`` once;
+            a fitted ``GapLaw`` is used as given; ``False`` disables the prediction.
+        law_options: keyword arguments for :meth:`GapLaw.fit` (``sizes``, ``repeats``, ``k``...).
+        dimension_method: estimator for ``id/data`` and ``id/samples`` (see
+            :func:`gapcallback.functional.intrinsic_dimension.intrinsic_dimension`); ``None``
+            disables both.
+        dimension_points: at most this many points enter each intrinsic-dimension estimate.
+        memorization_ratio: threshold of the memorization test (Gu et al.: 1/3).
+        max_points: cap on the points taken from ``reference`` and ``train`` loaders.
+        input_key: index/key of the input tensor in tuple/list/dict loader batches.
+        seed: seed of all the callback's randomness (sampling, subsampling, the law's fit). The
+            training run's RNG streams are never touched.
+        on_error: ``"warn"`` (default): a failing sampler, NaN/Inf, wrong shapes or too few samples
+            skip the evaluation with a :class:`GapEvaluationWarning`, record it and training goes
+            on; ``"raise"``: raise instead.
+        log_figure: send a figure (law + history) to every logger that takes images and save it
+            as ``gap_callback.png`` in the log directory.
+        progress: show a progress bar while sampling takes longer than a couple of seconds.
+        prefix: prepended to every logged key (for several callbacks on one trainer).
+
+    Attributes:
+        history: list of dicts, one per evaluation: ``evaluation``, ``epoch``, ``step``,
+            ``skipped`` (+ ``reason``) and the logged values under their keys.
+        law: the fitted :class:`~gapcallback.law.GapLaw` (``None`` without ``train`` or law).
+        memorization_gap: gap of the references to the training set (``None`` without train).
+        data_dimension: intrinsic dimension of the training data (or references).
+        n_train: number of training points.
+        num_skipped: evaluations skipped so far.
+
+    Example::
+
+        callback = gc.GapCallback(reference=val_points, train=train_points, num_samples=2000)
+        trainer = L.Trainer(callbacks=[callback, gc.GapEarlyStopping(patience=3)])
+    """
+
+    def __init__(
+        self,
+        reference: Tensor | Iterable[Any],
+        train: Tensor | Iterable[Any] | None = None,
+        sampler: Sampler | None = None,
+        num_samples: int = 2000,
+        every_n_epochs: int | None = 1,
+        every_n_train_steps: int | None = None,
+        p: float = 2.0,
+        transform: Transform | None = None,
+        symmetry: Symmetry | None = None,
+        *,
+        sample_batch_size: int = 512,
+        law: bool | GapLaw = True,
+        law_options: dict[str, Any] | None = None,
+        dimension_method: str | None = "calibrated",
+        dimension_points: int = 2000,
+        memorization_ratio: float = 1.0 / 3.0,
+        max_points: int | None = None,
+        input_key: int | str = 0,
+        seed: int = 0,
+        on_error: Literal["warn", "raise"] = "warn",
+        log_figure: bool = True,
+        progress: bool = True,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        if sampler is not None and not callable(sampler):
+            raise TypeError(
+                f"`sampler` must be callable as sampler(pl_module, n), got {sampler!r}."
+            )
+        if transform is not None and not callable(transform):
+            raise TypeError(f"`transform` must be a callable Tensor -> Tensor, got {transform!r}.")
+        if symmetry is not None and not isinstance(symmetry, Symmetry):
+            raise TypeError(
+                f"`symmetry` must be a gapcallback.symmetry object, got {type(symmetry).__name__}."
+            )
+        self.num_samples = check_positive_int(num_samples, "num_samples")
+        self.every_n_epochs = (
+            None if not every_n_epochs else check_positive_int(every_n_epochs, "every_n_epochs")
+        )
+        self.every_n_train_steps = (
+            None
+            if every_n_train_steps is None
+            else check_positive_int(every_n_train_steps, "every_n_train_steps")
+        )
+        if self.every_n_epochs is None and self.every_n_train_steps is None:
+            raise ValueError(
+                "GapCallback would never evaluate: set `every_n_epochs` or `every_n_train_steps`."
+            )
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"`on_error` must be 'warn' or 'raise', got {on_error!r}.")
+        if not isinstance(law, (bool, GapLaw)):
+            raise TypeError(f"`law` must be a bool or a fitted GapLaw, got {type(law).__name__}.")
+        if not isinstance(prefix, str):
+            raise TypeError(f"`prefix` must be a string, got {prefix!r}.")
+        self.reference_source = reference
+        self.train_source = train
+        self.sampler = sampler
+        self.p = check_exponent(p)
+        self.transform = transform
+        self.symmetry = symmetry
+        self.sample_batch_size = check_positive_int(sample_batch_size, "sample_batch_size")
+        self._law_option = law
+        self.law_options = dict(law_options or {})
+        self.dimension_method = dimension_method
+        self.dimension_points = check_positive_int(dimension_points, "dimension_points", minimum=3)
+        if not 0.0 < float(memorization_ratio) <= 1.0:
+            raise ValueError(f"`memorization_ratio` must be in (0, 1], got {memorization_ratio}.")
+        self.memorization_ratio = float(memorization_ratio)
+        self.max_points = (
+            None if max_points is None else check_positive_int(max_points, "max_points")
+        )
+        self.input_key = input_key
+        self.seed = check_positive_int(seed, "seed", minimum=0)
+        self.on_error = on_error
+        self.log_figure = bool(log_figure)
+        self.progress = bool(progress)
+        self.prefix = prefix
+
+        self.history: list[dict[str, Any]] = []
+        self.law: GapLaw | None = law if isinstance(law, GapLaw) else None
+        self.memorization_gap: float | None = None
+        self.data_dimension: float | None = None
+        self.n_train: int | None = None
+        self._data_ready = False
+        self._reference: Tensor | None = None
+        self._train: Tensor | None = None
+        self._gap_metric: RepresentationGap | None = None
+        self._last_step_evaluated = -1
+        self._figure_warned = False
+
+    # ------------------------------------------------------------------ Lightning plumbing
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            prefix=self.prefix,
+            every_n_epochs=self.every_n_epochs,
+            every_n_train_steps=self.every_n_train_steps,
+        )
+
+    @property
+    def num_evaluations(self) -> int:
+        """Evaluations attempted so far (including skipped ones)."""
+        return len(self.history)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(1 for h in self.history if h.get("skipped"))
+
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        """The most recent evaluation that was not skipped, or ``None``."""
+        for record in reversed(self.history):
+            if not record.get("skipped"):
+                return record
+        return None
+
+    def key(self, name: str) -> str:
+        """The logged key for ``name`` (``"gap/observed"`` -> ``prefix + "gap/observed"``)."""
+        return f"{self.prefix}{name}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": [dict(h) for h in self.history],
+            "law": None if self.law is None else self.law.state_dict(),
+            "memorization_gap": self.memorization_gap,
+            "data_dimension": self.data_dimension,
+            "n_train": self.n_train,
+            "data_ready": self._data_ready,
+            "last_step_evaluated": self._last_step_evaluated,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        law_state = state_dict.get("law")
+        self.law = None if law_state is None else GapLaw.from_state_dict(law_state)
+        self.memorization_gap = state_dict.get("memorization_gap")
+        self.data_dimension = state_dict.get("data_dimension")
+        self.n_train = state_dict.get("n_train")
+        self._data_ready = bool(state_dict.get("data_ready", False))
+        self._last_step_evaluated = int(state_dict.get("last_step_evaluated", -1))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if (
+            stage == "fit"
+            and self.sampler is None
+            and not callable(getattr(pl_module, "sample", None))
+        ):
+            raise TypeError(
+                f"GapCallback needs model samples: define `{type(pl_module).__name__}.sample(n)` "
+                "returning a tensor [n, *dims], or pass `sampler=lambda module, n: ...`."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with isolated_rng(derive_seed(self.seed, 0xDA7A), pl_module.device):
+            self._prepare_data()
+        self._gap_metric = RepresentationGap(
+            self._reference,
+            p=self.p,
+            symmetry=self.symmetry,  # type: ignore[arg-type]
+        ).to(pl_module.device)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._evaluate(trainer, pl_module, on_step=False)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if (
+            self.every_n_train_steps
+            and step > 0
+            and step % self.every_n_train_steps == 0
+            and step != self._last_step_evaluated
+        ):
+            self._evaluate(trainer, pl_module, on_step=True)
+
+    # ------------------------------------------------------------------ data (once)
+
+    def _prepare_data(self) -> None:
+        """Materialise reference/train and compute everything that depends on the data only."""
+        self._reference = collect_points(
+            self.reference_source,
+            "reference",
+            transform=self.transform,
+            input_key=self.input_key,
+            max_points=self.max_points,
+        )
+        if self.train_source is not None:
+            self._train = collect_points(
+                self.train_source,
+                "train",
+                transform=self.transform,
+                input_key=self.input_key,
+                max_points=self.max_points,
+            )
+            if self._train.shape[1:] != self._reference.shape[1:]:
+                raise ValueError(
+                    f"`train` points have shape {tuple(self._train.shape[1:])} but `reference` points "
+                    f"{tuple(self._reference.shape[1:])}; pass data from the same space (or the same "
+                    "`transform`)."
+                )
+        if self._data_ready:  # restored from a checkpoint: nothing to recompute
+            return
+        if self._train is not None:
+            self.n_train = int(self._train.shape[0])
+            self.memorization_gap = float(
+                representation_gap(self._reference, self._train, p=self.p, symmetry=self.symmetry)
+            )
+            if self._law_option is True:
+                try:
+                    self.law = GapLaw.fit(
+                        self._train,
+                        self._reference,
+                        p=self.p,
+                        symmetry=self.symmetry,
+                        seed=self.seed,
+                        **self.law_options,
+                    )
+                except (ValueError, RuntimeError) as err:
+                    if self.on_error == "raise":
+                        raise
+                    rank_zero_warn(
+                        f"GapCallback could not fit the gap law ({err}); `gap/predicted` will not be"
+                        " logged.",
+                        category=GapEvaluationWarning,
+                    )
+        if self.dimension_method is not None:
+            data = self._train if self._train is not None else self._reference
+            if data.shape[0] > self.dimension_points:
+                g = torch.Generator().manual_seed(self.seed)
+                data = data[torch.randperm(data.shape[0], generator=g)[: self.dimension_points]]
+            try:
+                self.data_dimension = float(intrinsic_dimension(data, method=self.dimension_method))
+            except (ValueError, RuntimeError) as err:
+                if self.on_error == "raise":
+                    raise
+                rank_zero_warn(
+                    f"GapCallback could not estimate id/data ({err}).",
+                    category=GapEvaluationWarning,
+                )
+        self._data_ready = True
+
+    # ------------------------------------------------------------------ one evaluation
+
+    def _evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, on_step: bool
+    ) -> None:
+        index = len(self.history)
+        record: dict[str, Any] = {
+            "evaluation": index,
+            "epoch": int(trainer.current_epoch),
+            "step": int(trainer.global_step),
+            "skipped": False,
+        }
+        self._last_step_evaluated = int(trainer.global_step)
+        error: BaseException | None = None
+        try:
+            local = self._measure_local(trainer, pl_module, index)
+        except Exception as err:
+            error = err
+        # Every rank learns whether any rank failed before any collective on the metrics.
+        all_ok = trainer.strategy.reduce_boolean_decision(error is None, all=True)
+        if all_ok:
+            try:
+                values = self._reduce(trainer, local)
+            except (ValueError, RuntimeError) as err:
+                error, all_ok = err, False
+        if not all_ok:
+            self._skip(trainer, pl_module, record, error, on_step)
+            return
+        record.update(values)
+        self.history.append(record)
+        self._log(pl_module, values, on_step)
+        if self.log_figure and trainer.is_global_zero:
+            self._emit_figure(trainer)
+
+    def _measure_local(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int
+    ) -> dict[str, Any]:
+        """Draw this rank's share of samples and stream them into the (local) states."""
+        assert self._gap_metric is not None and self._reference is not None
+        device = pl_module.device
+        rank, world = trainer.global_rank, trainer.world_size
+        n_local = self.num_samples // world + (1 if rank < self.num_samples % world else 0)
+        gap_metric = self._gap_metric.to(device)
+        gap_metric.reset()
+        id_metric = None
+        if self.dimension_method is not None:
+            id_metric = IntrinsicDimension(
+                method=self.dimension_method, max_points=self.dimension_points, seed=self.seed
+            ).to(device)
+        train = None if self._train is None else self._train.to(device)
+        memorized = 0
+        eval_seed = derive_seed(self.seed, index, rank)
+        generator = torch.Generator(device=device).manual_seed(eval_seed)
+        with isolated_rng(eval_seed, device), torch.no_grad(), _eval_mode(pl_module):
+            for n in self._progress(_batch_sizes(n_local, self.sample_batch_size), trainer, index):
+                samples = self._draw(pl_module, n, generator)
+                gap_metric.update(samples)
+                if id_metric is not None:
+                    id_metric.update(samples)
+                if train is not None and train.shape[0] >= 2:
+                    result = memorization(
+                        samples, train, ratio=self.memorization_ratio, symmetry=self.symmetry
+                    )
+                    memorized += int(result.memorized.sum())
+        return {
+            "id_metric": id_metric,
+            "memorized": memorized,
+            "drawn": n_local,
+        }
+
+    def _draw(self, pl_module: pl.LightningModule, n: int, generator: torch.Generator) -> Tensor:
+        fn: Callable[..., Any]
+        if self.sampler is not None:
+            fn, args = self.sampler, (pl_module, n)
+        else:
+            fn, args = pl_module.sample, (n,)  # type: ignore[assignment]
+        kwargs = {"generator": generator} if _accepts_generator(fn) else {}
+        try:
+            samples = fn(*args, **kwargs)
+        except Exception as err:
+            raise _EvaluationFault(f"the sampler raised {type(err).__name__}: {err}") from err
+        if not isinstance(samples, Tensor):
+            raise _EvaluationFault(f"the sampler returned {type(samples).__name__}, not a tensor")
+        samples = samples.detach()
+        if self.transform is not None:
+            samples = self.transform(samples)
+        assert self._reference is not None
+        expected = tuple(self._reference.shape[1:])
+        if samples.ndim < 1 or tuple(samples.shape[1:]) != expected:
+            raise _EvaluationFault(
+                f"the sampler returned shape {tuple(samples.shape)}, expected [{n}, "
+                f"{', '.join(map(str, expected))}] like the reference points"
+            )
+        if samples.shape[0] < n:
+            raise _EvaluationFault(
+                f"the sampler returned {samples.shape[0]} samples, {n} were asked"
+            )
+        samples = samples[:n]
+        if not samples.is_floating_point():
+            raise _EvaluationFault(
+                f"the sampler returned dtype {samples.dtype}, not floating point"
+            )
+        if not bool(torch.isfinite(samples).all()):
+            bad = int((~torch.isfinite(samples.reshape(n, -1))).any(1).sum())
+            raise _EvaluationFault(f"the sampler returned NaN/Inf in {bad} of {n} samples")
+        return samples.to(self._gap_metric.reference.device)  # type: ignore[union-attr]
+
+    def _reduce(self, trainer: pl.Trainer, local: dict[str, Any]) -> dict[str, float]:
+        """Collective part: identical values on every rank."""
+        assert self._gap_metric is not None
+        observed = float(self._gap_metric.compute())
+        values: dict[str, float] = {self.key("gap/observed"): observed}
+        if self._train is not None:
+            counts = torch.tensor(
+                [float(local["memorized"]), float(local["drawn"])],
+                dtype=torch.float64,
+                device=self._gap_metric.reference.device,
+            )
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            values[self.key("gap/memorized_fraction")] = float(counts[0] / counts[1])
+            values[self.key("gap/memorization")] = float(self.memorization_gap)  # type: ignore[arg-type]
+        denominator = None
+        if self.law is not None:
+            n = self.n_train or self.law.n_train
+            predicted = float(self.law.predict(n))
+            values[self.key("gap/predicted")] = predicted
+            values[self.key("id/law")] = float(self.law.dimension)
+            if observed > 0:
+                values[self.key("gap/effective_n")] = float(self.law.samples_for(observed))
+            denominator = predicted
+        elif self.memorization_gap:
+            denominator = self.memorization_gap
+        if denominator:
+            values[self.key("gap/ratio")] = observed / denominator
+        if self.data_dimension is not None:
+            values[self.key("id/data")] = self.data_dimension
+        id_metric = local["id_metric"]
+        if id_metric is not None:
+            try:
+                values[self.key("id/samples")] = float(id_metric.compute())
+            except ValueError as err:
+                rank_zero_warn(
+                    f"GapCallback: id/samples not estimated this time ({err}).",
+                    category=GapEvaluationWarning,
+                )
+        values[self.key("gap/skipped_evaluations")] = float(self.num_skipped)
+        return values
+
+    def _skip(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        record: dict[str, Any],
+        error: BaseException | None,
+        on_step: bool,
+    ) -> None:
+        reason = (
+            f"{error}"
+            if isinstance(error, _EvaluationFault)
+            else f"{type(error).__name__}: {error}"
+            if error is not None
+            else "an evaluation step failed on another process"
+        )
+        record.update(skipped=True, reason=reason)
+        self.history.append(record)
+        if self._gap_metric is not None:
+            self._gap_metric.reset()
+        if self.on_error == "raise":
+            raise RuntimeError(
+                f"GapCallback evaluation {record['evaluation']} (epoch {record['epoch']}, step "
+                f"{record['step']}) failed: {reason}"
+            ) from error
+        warnings.warn(
+            f"GapCallback skipped evaluation {record['evaluation']} (epoch {record['epoch']}, step "
+            f"{record['step']}): {reason}. Training continues; pass on_error='raise' to stop instead.",
+            GapEvaluationWarning,
+            stacklevel=2,
+        )
+        self._log(
+            pl_module, {self.key("gap/skipped_evaluations"): float(self.num_skipped)}, on_step
+        )
+
+    # ------------------------------------------------------------------ outputs
+
+    def _log(self, pl_module: pl.LightningModule, values: dict[str, float], on_step: bool) -> None:
+        for name, value in values.items():
+            pl_module.log(
+                name,
+                float(value),
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=name == self.key("gap/observed"),
+                logger=True,
+                sync_dist=False,
+                batch_size=1,
+            )
+
+    def figure(self) -> Any:
+        """The current figure (law panel + history panel) as a matplotlib ``Figure``."""
+        from gapcallback.plotting import gap_history_figure
+
+        return gap_history_figure(
+            self.history,
+            law=self.law,
+            n_train=self.n_train,
+            memorization_gap=self.memorization_gap,
+            prefix=self.prefix,
+        )
+
+    def _emit_figure(self, trainer: pl.Trainer) -> None:
+        try:
+            fig = self.figure()
+        except ImportError as err:
+            if not self._figure_warned:
+                rank_zero_warn(f"GapCallback: no figure ({err}).")
+                self._figure_warned = True
+            return
+        try:
+            tag = self.key("gap/figure")
+            step = int(trainer.global_step)
+            for logger in trainer.loggers:
+                _send_figure(logger, tag, fig, step)
+            log_dir = trainer.log_dir or trainer.default_root_dir
+            path = Path(log_dir) / f"{self.prefix.replace('/', '_')}gap_callback.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=100)
+        except Exception as err:
+            rank_zero_warn(f"GapCallback: could not save/log the figure ({err}).")
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+    def _progress(self, sizes: list[int], trainer: pl.Trainer, index: int) -> Iterator[int]:
+        if not (self.progress and trainer.is_global_zero and len(sizes) > 1):
+            yield from sizes
+            return
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=sum(sizes),
+            desc=f"GapCallback sampling (evaluation {index})",
+            unit="sample",
+            leave=False,
+            delay=2.0,
+            mininterval=0.5,
+        )
+        try:
+            for n in sizes:
+                yield n
+                bar.update(n)
+        finally:
+            bar.close()
+
+
+def _send_figure(logger: Any, tag: str, fig: Any, step: int) -> None:
+    """Send ``fig`` to a logger that takes images (TensorBoard, W&B, MLflow); ignore the others."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_figure(tag, fig, global_step=step, close=False)
+    elif isinstance(logger, WandbLogger):
+        logger.log_image(key=tag, images=[fig], step=step)
+    elif isinstance(logger, MLFlowLogger):
+        logger.experiment.log_figure(logger.run_id, fig, f"{tag.replace('/', '_')}_{step:08d}.png")
+
+
+def _batch_sizes(total: int, batch: int) -> list[int]:
+    sizes = [batch] * (total // batch)
+    if total % batch:
+        sizes.append(total % batch)
+    return sizes
+
+
+def _accepts_generator(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Put ``module`` (and every submodule) in eval mode; restore each one's previous mode."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
