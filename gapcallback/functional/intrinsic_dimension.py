@@ -71,7 +71,8 @@ DEFAULT_DUP_TOL = 1e-6
 """Default duplicate tolerance, relative to the RMS distance of the points to their mean."""
 
 _CALIBRATION_MAX_POINTS = 4000  # larger sets are split into equal chunks of at most this size
-_CALIBRATION_MIN_SIM_POINTS = 12000  # simulated points per grid dimension (split into repeats)
+_CALIBRATION_MIN_SIM_POINTS = 8000  # simulated points per grid dimension (split into repeats)
+_CALIBRATION_MAX_REPEATS = 6
 _CALIBRATION_MAX_DIM = 512
 
 
@@ -355,14 +356,12 @@ def multiscale_dimension(
         stds.append(float(np.std(vals, ddof=1)) / math.sqrt(len(vals)) if len(vals) > 1 else ana[0])
         scales.append(float(np.median(scl)))
     dtype = compute_dtype(x)
-    order = list(range(len(size_list)))[::-1]
 
     def _t(v: list[float]) -> Tensor:
-        return torch.tensor([v[i] for i in order], dtype=dtype, device=x.device)
+        return torch.tensor(v, dtype=dtype, device=x.device)
 
-    return MultiscaleDimension(
-        _t(scales), _t(dims), _t(stds), torch.tensor([size_list[i] for i in order])
-    )
+    # Sizes decrease, so scales increase along the result.
+    return MultiscaleDimension(_t(scales), _t(dims), _t(stds), torch.tensor(size_list))
 
 
 @torch.no_grad()
@@ -526,7 +525,7 @@ def _gap(
 
 def _sphere_mle(dim: int, n: int, k: int, seed: int) -> float:
     """Pooled MLE of uniform samples of :math:`S^{dim}` (n points each; enough repeats)."""
-    repeats = max(1, math.ceil(_CALIBRATION_MIN_SIM_POINTS / n))
+    repeats = min(_CALIBRATION_MAX_REPEATS, max(1, math.ceil(_CALIBRATION_MIN_SIM_POINTS / n)))
     gen = torch.Generator().manual_seed(1_000_003 * seed + 7919 * dim + 31 * n + k)
     total = 0.0
     for _ in range(repeats):
