@@ -12,12 +12,15 @@ and all :math:`\prod S` correlations :math:`c_s` of a pair come from one FFT,
 :math:`c = \mathcal F^{-1}\big(\sum_{\text{other}} \hat y \, \overline{\hat z}\big)`. The group is
 finite (``order`` :math:`= \prod S`, ``dimension`` 0).
 
-Numerics: the FFT screening runs in float64 on data centred by a shift-invariant constant (the
-per-channel mean of ``points``), and every pair within the FFT's rounding error of the running
-k-th distance is re-checked exactly: candidate shifts are applied with an index gather and the
-distance recomputed by direct difference from the raw inputs, so duplicates (shifted duplicates
-included) give exactly 0. Cost per pair: :math:`O(C F + S \log S)` with :math:`F` the rfft size,
-against :math:`O(D)` for the plain distance; memory bounded by blocks of pairs.
+Numerics: the FFT screening runs in the inputs' precision (float32, or float64 when an input is)
+on data centred by a shift-invariant constant (the per-channel mean of ``points``), and every pair
+within the FFT's rounding-error bound of the running k-th distance is re-checked exactly: a float64
+FFT picks the pair's candidate shifts, which are applied with an index gather, and the distance is
+recomputed by direct difference from the raw inputs, so duplicates (shifted duplicates included)
+give exactly 0. Cost per pair: :math:`O(C F + S \log S)` with :math:`F` the rfft size, against
+:math:`O(D)` for the plain distance (measured: 5-300x the plain search, below :math:`|G|` for 1-D
+signals; see ``benchmarks/symmetry/results.md``); memory bounded by blocks of pairs. An alternative
+that stacks all :math:`|G|` rolled copies into GEMMs was measured slower on CPU in every case tried.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gapcallback.functional.knn import KNNResult
 from gapcallback.symmetry._search import bounded_search
 from gapcallback.symmetry.base import Symmetry
 from gapcallback.symmetry.finite_group import _point_dims
+from gapcallback.utils.checks import compute_dtype
 from gapcallback.utils.precision import full_precision
 
 __all__ = ["CyclicShifts"]
@@ -134,23 +138,30 @@ class CyclicShifts(Symmetry):
             x_norm = x_c.square().sum(dim=tuple(range(1, x_c.ndim)))
             n_shifts = math.prod(sizes)
             channels = q_raw.shape[1]
-            eps = torch.finfo(torch.float64).eps
-            factor = (16 * math.log2(max(n_shifts, 2)) + 16 + channels) * math.sqrt(n_shifts) * eps
-            q_hat = torch.fft.rfftn(q_c, dim=sdims)
+            # Screening FFTs in the inputs' precision (float32 unless one is float64), with a
+            # rounding-error slack to match; re-checks always in float64.
+            screen_dtype = compute_dtype(queries, points)
+            growth = (16 * math.log2(max(n_shifts, 2)) + 16 + channels) * math.sqrt(n_shifts)
+            factor = growth * torch.finfo(torch.float64).eps
+            screen_factor = growth * torch.finfo(screen_dtype).eps
+            q_hat = torch.fft.rfftn(q_c.to(screen_dtype), dim=sdims)
             f_size = q_hat[0].numel() // channels
             pairs = max(1, _PAIR_BUDGET // max(n_shifts + 2 * f_size, channels * f_size))
             qb = max(1, min(n, int(math.sqrt(pairs))))
             pb = max(1, min(m, pairs // qb))
 
             def screen(qs: int, qe: int, ps: int, pe: int) -> tuple[Tensor, Tensor]:
-                x_hat = torch.fft.rfftn(x_c[ps:pe], dim=sdims)
+                x_hat = torch.fft.rfftn(x_c[ps:pe].to(screen_dtype), dim=sdims)
                 # [b, c, *S] correlations of all pairs, channels summed in the frequency domain.
-                prod = torch.einsum("bk...,ck...->bc...", q_hat[qs:qe], x_hat.conj())
+                if channels == 1:
+                    prod = q_hat[qs:qe, None, 0] * x_hat[None, :, 0].conj()
+                else:
+                    prod = torch.einsum("bk...,ck...->bc...", q_hat[qs:qe], x_hat.conj())
                 corr = torch.fft.irfftn(prod, s=sizes, dim=sdims)
-                best = corr.reshape(qe - qs, pe - ps, -1).amax(dim=2)
+                best = corr.reshape(qe - qs, pe - ps, -1).amax(dim=2).double()
                 total = q_norm[qs:qe, None] + x_norm[None, ps:pe]
                 approx = total - 2.0 * best
-                slack = factor * total
+                slack = screen_factor * total
                 return approx - slack, approx + slack
 
             def exact(rows: Tensor, cols: Tensor) -> Tensor:

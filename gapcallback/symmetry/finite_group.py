@@ -12,7 +12,7 @@ one transformed copy of ``points`` at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ class FiniteGroup(Symmetry):
         transforms: callables mapping a batch ``[B, *shape]`` to ``[B, *shape]``, each an orthogonal
             linear map of the point (entry permutations, sign flips, rotations by 90 degrees...).
             The identity is always part of the group: it is added in front (an identity passed in the
-            list is harmless; images equal to another element's on the data are skipped). The set
+            list is harmless: transforms acting as the identity on the data are skipped). The set
             should be closed under composition and inverses for :math:`d_G` to be an orbit distance;
             the constructors :meth:`flips`, :meth:`rotations90` and :meth:`dihedral` give full groups.
         names: optional labels of the transforms (for ``repr``).
@@ -166,25 +166,44 @@ class FiniteGroup(Symmetry):
         self, queries: Tensor, points: Tensor, k: int, *, exclude_self: bool = False
     ) -> KNNResult:
         self.check_shape(points, "points")
-        n = queries.shape[0]
-        best_d = torch.full((n, k), float("inf"), dtype=torch.float64, device=points.device)
-        best_i = torch.full((n, k), -1, dtype=torch.long, device=points.device)
-        images: list[Tensor] = []
-        for g in range(self.order):
-            moved = self.apply(points, g)
-            if any(torch.equal(moved, prev) for prev in images):
-                continue  # acts on the data like an element already searched
-            images.append(moved)
-            res = _plain_knn(queries, moved, k, exclude_self=exclude_self)
-            rows = torch.arange(n, device=points.device).repeat_interleave(k)
-            best_d, best_i = merge_topk(
-                best_d, best_i, rows, res.sq_dists.reshape(-1), res.indices.reshape(-1)
-            )
-        dtype = torch.float64 if torch.float64 in (queries.dtype, points.dtype) else torch.float32
-        return KNNResult(best_d.to(dtype), best_i)
+        return knn_over_images(
+            queries, (self.apply(points, g) for g in range(self.order)), k, exclude_self
+        )
 
     def __repr__(self) -> str:
         return f"FiniteGroup(order={self.order}, elements={self.names})"
+
+
+def knn_over_images(
+    queries: Tensor, images: Iterable[Tensor], k: int, exclude_self: bool
+) -> KNNResult:
+    """Top-k over point indices of ``min_g ||q - (g points)_j||^2``, one exact kNN per image.
+
+    ``images`` yields the transformed point sets ``g . points`` (row ``j`` the image of point
+    ``j``); later images equal to the first (the identity's) are skipped.
+    """
+    n = queries.shape[0]
+    best_d: Tensor | None = None
+    best_i: Tensor | None = None
+    first: Tensor | None = None
+    dtype = torch.float32
+    for moved in images:
+        if first is not None and torch.equal(moved[:1], first[:1]) and torch.equal(moved, first):
+            continue  # acts on the data as the identity: nothing new to search
+        if best_d is None:
+            first = moved
+            dtype = (
+                torch.float64 if torch.float64 in (queries.dtype, moved.dtype) else torch.float32
+            )
+            best_d = torch.full((n, k), float("inf"), dtype=torch.float64, device=moved.device)
+            best_i = torch.full((n, k), -1, dtype=torch.long, device=moved.device)
+        res = _plain_knn(queries, moved, k, exclude_self=exclude_self)
+        rows = torch.arange(n, device=moved.device).repeat_interleave(k)
+        best_d, best_i = merge_topk(
+            best_d, best_i, rows, res.sq_dists.reshape(-1), res.indices.reshape(-1)
+        )
+    assert best_d is not None and best_i is not None
+    return KNNResult(best_d.to(dtype), best_i)
 
 
 def _point_dims(dims: Sequence[int], name: str) -> tuple[int, ...]:
