@@ -52,7 +52,9 @@ def test_matches_brute_force(problem, dtype):
     assert sq.shape == idx.shape == (q.shape[0], k)
     assert sq.dtype == dtype
     # Distances are exact up to the rounding of the direct difference.
-    torch.testing.assert_close(sq.double(), ref_sq, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    torch.testing.assert_close(
+        sq.double(), ref_sq, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0
+    )
     # Returned indices really are at the returned distances.
     direct = ((q.double()[:, None, :] - x.double()[idx]) ** 2).sum(-1)
     torch.testing.assert_close(direct, ref_sq, rtol=1e-6, atol=0)
@@ -182,7 +184,9 @@ def test_bad_input(queries, points, kwargs, error, match):
 def test_non_finite_input_is_rejected(value, where):
     q, x = torch.randn(6, 3), torch.randn(7, 3)
     (q if where == "queries" else x)[4, 1] = value
-    with pytest.raises(ValueError, match=rf"`{where}` contains NaN or Inf in 1 of \d+ rows \(first: row 4\)"):
+    with pytest.raises(
+        ValueError, match=rf"`{where}` contains NaN or Inf in 1 of \d+ rows \(first: row 4\)"
+    ):
         knn(q, x)
 
 

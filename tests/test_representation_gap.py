@@ -70,7 +70,9 @@ def test_metric_streaming_equals_functional(n_batches, seed, p):
     metric = gc.RepresentationGap(ref, p=p)
     for chunk in samples.chunk(n_batches):
         metric.update(chunk)
-    torch.testing.assert_close(metric.compute(), representation_gap(ref, samples, p=p), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        metric.compute(), representation_gap(ref, samples, p=p), rtol=1e-6, atol=0
+    )
 
 
 def test_metric_reset_keeps_reference_and_forward_works():
