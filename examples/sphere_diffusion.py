@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--ambient", type=int, default=8, help="ambient dimension D")
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-reference", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=80)
-    parser.add_argument("--every", type=int, default=5, help="evaluate every n epochs")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--every", type=int, default=10, help="evaluate every n epochs")
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--out", default="runs/sphere_diffusion")
     parser.add_argument("--seed", type=int, default=0)
@@ -62,7 +62,7 @@ def main() -> None:
         log_every_n_steps=5,
     )
     model = FlowMatching(args.ambient)
-    loader = DataLoader(TensorDataset(train), batch_size=128, shuffle=True)
+    loader = DataLoader(TensorDataset(train), batch_size=64, shuffle=True)
     start = time.perf_counter()
     trainer.fit(model, loader)
     elapsed = time.perf_counter() - start

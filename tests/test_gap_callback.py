@@ -230,7 +230,7 @@ def test_missing_sample_method_is_a_clear_error(tmp_path):
         sample = None  # type: ignore[assignment]
 
     trainer = make_trainer(tmp_path, [gc.GapCallback(REFERENCE, dimension_method=None)], epochs=1)
-    with pytest.raises(TypeError, match="define `NoSample.sample"):
+    with pytest.raises(TypeError, match=r"define `NoSample\.sample"):
         trainer.fit(NoSample(), loader(TRAIN))
 
 
