@@ -385,6 +385,10 @@ def deduplicate(x: Tensor, dup_tol: float = DEFAULT_DUP_TOL) -> Tensor:
     xd = x.to(compute_dtype(x))
     radius = float((xd - xd.mean(0)).square().sum(1).mean().sqrt())
     tol_sq = (dup_tol * radius) ** 2
+    # Cheap probe first: the nearest other point (k=1, the engine's fastest path) tells whether
+    # there is any duplicate at all; only then search deeper to find whole groups.
+    if not bool((knn(xd, xd, 1, exclude_self=True).sq_dists[:, 0] <= tol_sq).any()):
+        return x
     k = min(8, n - 1)
     while True:
         res = knn(xd, xd, k, exclude_self=True)
