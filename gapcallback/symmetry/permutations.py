@@ -38,7 +38,7 @@ from torch import Tensor
 from gapcallback.functional.knn import KNNResult
 from gapcallback.symmetry._search import bounded_search
 from gapcallback.symmetry.base import Symmetry
-from gapcallback.symmetry.rigid_motions import RigidMotions, kabsch
+from gapcallback.symmetry.rigid_motions import RigidMotions
 from gapcallback.utils.precision import full_precision
 
 __all__ = ["Permutations"]
@@ -197,9 +197,7 @@ class Permutations(Symmetry):
                     value = min(value, new_value)
                     break
                 value = new_value
-                yt = torch.from_numpy(y[None])
-                zt = torch.from_numpy(z[c][None])
-                rot = kabsch(yt, zt, rigid.allow_reflections)[0].numpy()
+                rot = _kabsch_np(y, z[c], rigid.allow_reflections)
             best = min(best, value)
         return best
 
@@ -211,6 +209,14 @@ def _assignment_cost(y: np.ndarray, z: np.ndarray) -> float:
     cost = ((y[:, None, :] - z[None, :, :]) ** 2).sum(-1)
     r, c = linear_sum_assignment(cost)
     return float(cost[r, c].sum())
+
+
+def _kabsch_np(y: np.ndarray, z: np.ndarray, allow_reflections: bool) -> np.ndarray:
+    """Single-pair :func:`~gapcallback.symmetry.rigid_motions.kabsch` in numpy (no torch overhead)."""
+    u, _, vh = np.linalg.svd(y.T @ z)
+    if not allow_reflections and np.linalg.det(u @ vh) < 0:
+        u[:, -1] *= -1
+    return u @ vh
 
 
 def _starts(y: np.ndarray, z: np.ndarray, allow_reflections: bool) -> list[np.ndarray]:
