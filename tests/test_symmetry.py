@@ -315,3 +315,17 @@ def test_all_symmetries_are_symmetry_subclasses():
     for sym, _ in SYMMETRIES:
         assert isinstance(sym, Symmetry)
         assert isinstance(sym.dimension, int)
+
+
+@pytest.mark.parametrize(("shape", "dims"), [((2, 24), (-1,)), ((1, 6, 8), (-2, -1))])
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_cyclic_shifts_float32_screening_stays_exact(shape, dims, offset):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(80, *shape, generator=g) + offset
+    q = torch.randn(30, *shape, generator=g) + offset
+    q[:10] = x[:10].roll(3, dims[-1]) + 1e-3 * torch.randn(10, *shape, generator=g)
+    res = knn(q, x, 3, symmetry=CyclicShifts(dims))
+    oracle_d, oracle_i = brute_orbit_knn(q, all_rolls(x, dims), 3)
+    assert res.sq_dists.dtype == torch.float32
+    torch.testing.assert_close(res.sq_dists.double(), oracle_d, rtol=1e-6, atol=1e-9)
+    assert bool((res.indices == oracle_i).all())
