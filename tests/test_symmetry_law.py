@@ -91,8 +91,11 @@ def test_quotient_helpers_contract():
     with pytest.raises(ValueError, match="order"):
         effective_sample_size(10, CyclicShifts())
     shifts = CyclicShifts()
-    shifts.check_shape(torch.zeros(2, 3, 16), "x")
+    assert shifts.order_on(torch.zeros(2, 3, 16)) == 16
     assert effective_sample_size(10, shifts) == 160
+    assert Permutations().order_on(torch.zeros(2, 4, 3)) == 24
+    assert FiniteGroup.dihedral().order_on(torch.zeros(2, 5, 5)) == 8
+    assert RigidMotions().order_on(torch.zeros(2, 5, 3)) is None
     assert effective_sample_size(10, RigidMotions()) == 10
     assert effective_sample_size(10, None) == 10
 

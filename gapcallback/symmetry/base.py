@@ -53,6 +53,15 @@ class Symmetry(ABC):
     def check_shape(self, x: Tensor, name: str) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` when ``x`` (``[N, *shape]``) is not a shape this group acts on."""
 
+    def order_on(self, x: Tensor) -> int | None:
+        """:attr:`order` for points shaped like ``x`` (``[N, *shape]``), after checking the shape.
+
+        Some finite groups only know their order from the point shape (``CyclicShifts``: the
+        number of shifts; ``Permutations``: ``n!``), so read it through this method.
+        """
+        self.check_shape(x, "x")
+        return self.order
+
     def orbit(self, x: Tensor) -> Tensor:
         """All images ``g x``: ``[|G| * N, *shape]`` with row ``g * N + i`` holding ``g x_i``.
 

@@ -78,6 +78,6 @@ def effective_sample_size(n: int | float, symmetry: Symmetry | None) -> float:
     if order is None:
         raise ValueError(
             f"{symmetry!r} does not know its order yet (it depends on the point shape); call it on"
-            " data first (e.g. `symmetry.check_shape(x, 'x')`)."
+            " data first (e.g. `symmetry.order_on(x)`)."
         )
     return float(n) * order
