@@ -18,7 +18,13 @@ What to look for (printed, and in ``equivariant_denoisers.png``):
 * with ``symmetry=CyclicShifts()`` both models reach the same orbit memorization line, since
   orbit distances cannot tell D from G(D).
 
-Runs on a CPU in a few minutes (single thread).
+Measured with the defaults (``benchmarks/symmetry/equivariant_denoisers.md``): the conv model's
+plain gap is 2.5-3x below the MLP's at every n and reaches R(ref, G(D)) at n = 4 (1.05 vs 1.16),
+but after 1000 steps it plateaus near 1.0 while the quotient line keeps falling (0.84, 0.71 at
+n = 8, 16): neither model is trained to optimality, and both produce samples closer (in orbit
+distance) to unseen signals than G(D) is. Train longer (``--steps``) to approach the lines.
+
+Runs on a CPU in about 5 minutes (single thread).
 """
 
 from __future__ import annotations
