@@ -1,0 +1,918 @@
+r"""The asymptotic gap law :math:`R_n \approx J\,n^{-p/d}`, fitted from data.
+
+For ``n`` i.i.d. training points with density :math:`q` and references with density :math:`\pi` on
+a ``d``-dimensional manifold, the representation gap (mean distance to the nearest training point,
+to the power ``p``) follows the nearest-neighbour / random-quantization law
+
+.. math::
+
+    R_n \;\sim\; J\, n^{-p/d}, \qquad
+    J = \Gamma\!\left(1 + \tfrac{p}{d}\right) V_d^{-p/d} \int \pi(y)\, q(y)^{-p/d}\, d\mathrm{vol},
+    \qquad V_d = \frac{\pi^{d/2}}{\Gamma(d/2 + 1)} .
+
+:class:`GapLaw` measures the gap at a geometric grid of training-set sizes (random subsets, several
+repeats), reads the dimension off the slope of :math:`\log R_n` against :math:`\log n` on the upper
+part of the grid (the slope at small ``n`` is biased by finite-size effects), and pins the constant
+with the Leonenko-Pronzato-Savani (LPS) ``k``-nearest-neighbour estimator at the largest size
+available. From ``N`` points whose ``k``-th neighbour distances are :math:`\rho_{k,i}`,
+
+.. math::
+
+    \hat R(n) = \Gamma\!\left(1 + \tfrac{p}{d}\right)
+        \frac{\Gamma(k)}{\Gamma(k + p/d)} \left(\frac{N_\mathrm{eff}}{n}\right)^{p/d}
+        \frac{1}{N} \sum_i \rho_{k,i}^{\,p}
+
+(the ball volume :math:`V_d` cancels; for ``k = 1`` and :math:`n = N_\mathrm{eff}` it is exactly the
+measured gap). Extrapolation to another size follows
+:math:`R(n') = R(n) (n / n')^{p/d}`, whose sensitivity to the dimension is
+:math:`\partial \ln R / \partial d = (p / d^2) \ln(n'/n)`.
+
+Two ways to measure, chosen by ``pooled`` in :meth:`GapLaw.fit`:
+
+* ``pooled=True`` (default): references and training points are one i.i.d. sample of the task
+  distribution (held-out data from the same source). They are pooled into :math:`N = n + m` points
+  and every point acts as a reference to the others (leave-one-out), so the gap is measured up to
+  size :math:`N - 1` with :math:`N` terms instead of :math:`m`. Valid only when :math:`\pi = q`;
+  :meth:`GapLaw.fit` warns when the references' gap to the training set disagrees with the law.
+* ``pooled=False``: the references only query the training set, which estimates
+  :math:`\int \pi\, q^{-p/d}` whatever the two densities are (e.g. a shifted test set), at the price
+  of more noise and a longer extrapolation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from scipy import special, stats
+from torch import Tensor
+
+from gapcallback.functional.knn import knn
+from gapcallback.utils.checks import (
+    check_exponent,
+    check_point_set,
+    check_positive_int,
+    check_same_device,
+    check_same_features,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from gapcallback.symmetry.base import Symmetry
+
+__all__ = ["GapLaw"]
+
+_STATE_VERSION = 1
+_NUM_BOOTSTRAP = 400
+
+
+class GapLaw:
+    r"""Fitted gap law :math:`R_n = J\, n^{-p/d}` (build it with :meth:`fit` or :meth:`from_gaps`).
+
+    :meth:`predict` evaluates ``constant * n ** (-p / dimension)``. The line passes through the
+    LPS estimate of the gap at the largest measured size (the *anchor*) with the slope fitted on
+    the upper part of the size grid, so predictions extrapolate from the best-measured point.
+
+    Attributes:
+        dimension: fitted (or fixed) dimension :math:`d = -p / \text{slope}`, float.
+        dimension_std: bootstrap standard deviation of ``dimension`` (0 when it was fixed).
+        constant: :math:`J`, float: the anchor gap times ``anchor_size ** (p / d)``.
+        constant_std: standard deviation of ``constant`` (propagated jointly with ``dimension``).
+        p: loss exponent of the gap.
+        n_train: number of training points given to :meth:`fit` (``sizes[-1]`` for
+            :meth:`from_gaps`).
+        sizes: ``[K]`` float64 tensor, training-set sizes at which the gap was measured.
+        gaps: ``[K]`` float64 tensor, mean measured gap at each size.
+        gaps_std: ``[K]`` float64 tensor, standard error of ``gaps`` (bootstrap over repeats and
+            points; 0 where unknown).
+        local_dimensions: ``[K - 1]`` float64 tensor, :math:`-p\,\Delta\log n / \Delta\log R`
+            between consecutive sizes (``inf`` where the gap did not decrease); a drift reveals
+            scale dependence.
+        fit_min_size: smallest size used in the slope fit.
+        anchor_size: :math:`N_\mathrm{eff}`, the size at which the constant was pinned.
+        anchor_gap: LPS estimate of the gap at ``anchor_size``.
+        k: neighbour rank of the LPS estimator.
+        pooled: whether references and training points were pooled (see the module docstring).
+        group_size: :math:`|G|` of a finite symmetry group (1 without symmetry).
+        reference_gap: gap of the references to the full training set (``nan`` for
+            :meth:`from_gaps`).
+    """
+
+    def __init__(
+        self,
+        *,
+        dimension: float,
+        constant: float,
+        p: float = 2.0,
+        dimension_std: float = 0.0,
+        constant_std: float = 0.0,
+        covariance: Sequence[Sequence[float]] | None = None,
+        n_train: int | None = None,
+        sizes: Sequence[float] | Tensor = (),
+        gaps: Sequence[float] | Tensor = (),
+        gaps_std: Sequence[float] | Tensor | None = None,
+        fit_min_size: float | None = None,
+        anchor_size: float | None = None,
+        anchor_gap: float | None = None,
+        k: int = 1,
+        pooled: bool = False,
+        group_size: int = 1,
+        reference_gap: float = math.nan,
+    ) -> None:
+        self.p = check_exponent(p)
+        dimension = float(dimension)
+        constant = float(constant)
+        if not (0.0 < dimension < math.inf):
+            raise ValueError(f"`dimension` must be a finite positive number, got {dimension}.")
+        if not (0.0 < constant < math.inf):
+            raise ValueError(f"`constant` must be a finite positive number, got {constant}.")
+        self.dimension = dimension
+        self.constant = constant
+        self.dimension_std = float(dimension_std)
+        self.constant_std = float(constant_std)
+        # Covariance of (log J, 1/d): log R(n) = log J - p * (1/d) * log n is linear in both.
+        if covariance is None:
+            covariance = [[0.0, 0.0], [0.0, 0.0]]
+        self._covariance = torch.as_tensor(covariance, dtype=torch.float64).reshape(2, 2).clone()
+        self.sizes = torch.as_tensor(sizes, dtype=torch.float64).reshape(-1).clone()
+        self.gaps = torch.as_tensor(gaps, dtype=torch.float64).reshape(-1).clone()
+        if self.sizes.shape != self.gaps.shape:
+            raise ValueError(
+                f"`sizes` and `gaps` must have the same length, got {self.sizes.numel()} and "
+                f"{self.gaps.numel()}."
+            )
+        self.gaps_std = (
+            torch.zeros_like(self.gaps)
+            if gaps_std is None
+            else torch.as_tensor(gaps_std, dtype=torch.float64).reshape(-1).clone()
+        )
+        self.n_train = (
+            int(n_train)
+            if n_train is not None
+            else int(self.sizes.max().item() if self.sizes.numel() else 0)
+        )
+        self.fit_min_size = (
+            float(fit_min_size)
+            if fit_min_size is not None
+            else (float(self.sizes[0]) if self.sizes.numel() else math.nan)
+        )
+        self.anchor_size = (
+            float(anchor_size)
+            if anchor_size is not None
+            else (float(self.sizes[-1]) if self.sizes.numel() else math.nan)
+        )
+        self.anchor_gap = (
+            float(anchor_gap)
+            if anchor_gap is not None
+            else self.constant * self.anchor_size ** (-self.p / self.dimension)
+        )
+        self.k = int(k)
+        self.pooled = bool(pooled)
+        self.group_size = int(group_size)
+        self.reference_gap = float(reference_gap)
+
+    # ------------------------------------------------------------------ fitting
+
+    @classmethod
+    def fit(
+        cls,
+        train: Tensor,
+        reference: Tensor,
+        *,
+        p: float = 2.0,
+        sizes: Sequence[int] | Tensor | None = None,
+        num_sizes: int = 9,
+        repeats: int = 5,
+        k: int = 5,
+        fit_min_size: int | None = None,
+        dimension: float | None = None,
+        pooled: bool = True,
+        symmetry: Symmetry | None = None,
+        group_size: int | None = None,
+        seed: int | torch.Generator = 0,
+    ) -> GapLaw:
+        r"""Measure the gap at several training-set sizes and fit :math:`R_n = J\,n^{-p/d}`.
+
+        Args:
+            train: ``[n, D]`` (or ``[n, *dims]``) training points.
+            reference: ``[m, D]`` (or ``[m, *dims]``) held-out reference points.
+            p: loss exponent of the gap, ``||y - z||^p``.
+            sizes: increasing training-set sizes at which to measure the gap (each reference sees
+                that many points). Default: ``num_sizes`` sizes geometrically spaced from
+                ``n_max / 16`` to ``n_max``, where ``n_max = n + m - 1`` when ``pooled`` else ``n``.
+            num_sizes: number of sizes of the default grid (>= 3).
+            repeats: passes per size. Each pass shuffles the points and cuts them into disjoint
+                random subsets of the size, so every point is used once per pass and small sizes
+                average many subsets (one pass at ``n_max``, where all subsets coincide).
+            k: neighbour rank of the LPS estimator that pins the constant at ``n_max``. ``k = 1`` is
+                the measured gap itself; larger ``k`` averages more neighbours (much less noise for
+                small ``d``, where ``rho^p`` is heavy-tailed) at the cost of relying on the fitted
+                ``d`` over a factor ``k`` in scale. Default 5.
+            fit_min_size: smallest size used to fit the slope. Default ``n_max / r`` with
+                :math:`r = \mathrm{clip}(2^{8/d_0}, 4, 16)` and :math:`d_0` the slope dimension of the
+                whole grid: the finite-size bias of the slope decays like :math:`n^{-2/d}`, so
+                small dimensions (noisiest gaps, negligible bias) use the whole grid (``d0 <= 2``)
+                and ``d0 >= 4`` the upper quarter, where the bias is smallest.
+            dimension: fix ``d`` instead of fitting it (the constant is still estimated).
+            pooled: pool references and training points and use leave-one-out neighbours (see the
+                module docstring); requires both to be i.i.d. draws of one distribution. Set
+                ``False`` when the references come from a different distribution.
+            symmetry: optional :class:`gapcallback.symmetry.Symmetry`; all distances become orbit
+                distances, so the fitted law is the law on the quotient.
+            group_size: :math:`|G|` for :attr:`orbit_constant`; default ``symmetry.order`` (1
+                without symmetry or for a continuous group).
+            seed: int seed or ``torch.Generator`` (CPU) for the subsets and the bootstrap.
+
+        Returns:
+            The fitted :class:`GapLaw`.
+
+        Raises:
+            TypeError: non-tensor or non-float inputs, non-integer sizes or counts.
+            ValueError: NaN/Inf, mismatched features or devices, too few points for the size grid,
+                sizes not increasing or out of range, a zero gap (references duplicated in the
+                training set, or duplicated points when pooled), or a gap that does not decrease
+                with ``n``.
+        """
+        p = check_exponent(p)
+        train = check_point_set(train, "train")
+        reference = check_point_set(reference, "reference")
+        check_same_device(train, reference, "train", "reference")
+        check_same_features(train, reference, "train", "reference")
+        repeats = check_positive_int(repeats, "repeats")
+        k = check_positive_int(k, "k")
+        if not isinstance(pooled, bool):
+            raise TypeError(f"`pooled` must be a bool, got {pooled!r}.")
+        if dimension is not None:
+            dimension = _check_dimension(dimension)
+        group_size = _group_size(group_size, symmetry)
+        generator = _generator(seed)
+
+        n = train.shape[0]
+        m = reference.shape[0]
+        pool = torch.cat([train, reference]) if pooled else train
+        n_max = pool.shape[0] - 1 if pooled else n
+        sizes_t = _size_grid(sizes, num_sizes, n_max, pooled)
+        fit_min = (
+            None
+            if fit_min_size is None
+            else float(check_positive_int(fit_min_size, "fit_min_size"))
+        )
+        in_fit = sizes_t >= (fit_min or 0.0) - 1e-9
+        if dimension is None and int(in_fit.sum()) < 2:
+            raise ValueError(
+                f"Only {int(in_fit.sum())} of the sizes {sizes_t.long().tolist()} are >= "
+                f"fit_min_size={fit_min:g}; the slope needs at least 2. Lower `fit_min_size` or add "
+                "sizes."
+            )
+        if k > n_max:
+            raise ValueError(f"k={k} exceeds the {n_max} points available at the largest size.")
+
+        # Per-point gap terms ||y - nearest||^p for every (size, repeat).
+        cells: list[list[Tensor]] = []
+        for size in sizes_t.long().tolist():
+            passes = 1 if size == n_max else repeats
+            row = []
+            for _ in range(passes):
+                row.extend(_partition_terms(pool, reference, size, p, pooled, symmetry, generator))
+            cells.append(row)
+        _check_nonzero(cells, sizes_t, pooled)
+
+        # LPS anchor at the full size: k-th neighbour distances of every query.
+        if pooled:
+            rho = knn(pool, pool, k, exclude_self=True, symmetry=symmetry).sq_dists[:, k - 1]
+            anchor_size = float(pool.shape[0] - 1)
+        else:
+            rho = knn(reference, train, k, symmetry=symmetry).sq_dists[:, k - 1]
+            anchor_size = float(n)
+        rho_p = _power(rho, p)
+        if not bool((rho_p > 0).any()):
+            raise ValueError(_zero_gap_message(n_max, pooled))
+        anchor_mean = float(rho_p.mean())
+        anchor_se = float(rho_p.std()) / math.sqrt(rho_p.numel()) if rho_p.numel() > 1 else 0.0
+
+        means = torch.tensor(
+            [float(torch.stack([c.mean() for c in row]).mean()) for row in cells],
+            dtype=torch.float64,
+        )
+        if fit_min is None:
+            fit_min = _default_fit_min(sizes_t, means, p, n_max)
+            in_fit = sizes_t >= fit_min - 1e-9
+        law = cls._from_cells(
+            cells,
+            sizes_t,
+            means,
+            in_fit,
+            p=p,
+            k=k,
+            dimension=dimension,
+            anchor_size=anchor_size,
+            anchor_mean=anchor_mean,
+            anchor_se=anchor_se,
+            generator=generator,
+            n_train=n,
+            fit_min=fit_min,
+            pooled=pooled,
+            group_size=group_size,
+        )
+        reference_terms = _power(knn(reference, train, 1, symmetry=symmetry).sq_dists[:, 0], p)
+        law.reference_gap = float(reference_terms.mean())
+        if pooled:
+            _check_pooling(law, reference_terms, m)
+        return law
+
+    @classmethod
+    def from_gaps(
+        cls,
+        sizes: Sequence[float] | Tensor,
+        gaps: Sequence[float] | Tensor,
+        *,
+        p: float = 2.0,
+        gaps_std: Sequence[float] | Tensor | None = None,
+        fit_min_size: float | None = None,
+        dimension: float | None = None,
+        seed: int | torch.Generator = 0,
+    ) -> GapLaw:
+        r"""Fit the law to gaps measured elsewhere (e.g. logged by a callback).
+
+        The slope is fitted by least squares on :math:`\log R` vs :math:`\log n` over the sizes
+        ``>= fit_min_size`` (default: all) and the line is anchored at the largest size. With
+        ``gaps_std`` the uncertainties come from a parametric bootstrap.
+
+        Args:
+            sizes: ``[K]`` increasing positive training-set sizes.
+            gaps: ``[K]`` positive measured gaps.
+            p: loss exponent of the gaps.
+            gaps_std: ``[K]`` standard errors of ``gaps`` (optional).
+            fit_min_size: smallest size used in the slope fit.
+            dimension: fix ``d`` instead of fitting it.
+            seed: int seed or ``torch.Generator`` for the bootstrap.
+        """
+        p = check_exponent(p)
+        sizes_t = _as_vector(sizes, "sizes")
+        gaps_t = _as_vector(gaps, "gaps")
+        if sizes_t.numel() != gaps_t.numel():
+            raise ValueError(
+                f"`sizes` and `gaps` must have the same length, got {sizes_t.numel()} and "
+                f"{gaps_t.numel()}."
+            )
+        if sizes_t.numel() < 2 and dimension is None:
+            raise ValueError("Fitting the dimension needs gaps at >= 2 sizes; pass more sizes.")
+        if not bool((sizes_t > 0).all()) or not bool((sizes_t[1:] > sizes_t[:-1]).all()):
+            raise ValueError(
+                f"`sizes` must be positive and strictly increasing, got {sizes_t.tolist()}."
+            )
+        if not bool((gaps_t > 0).all()):
+            raise ValueError(
+                f"`gaps` must be positive (the law is fitted in log space), got {gaps_t.tolist()};"
+                " a zero gap means the references are copies of training points."
+            )
+        std_t = torch.zeros_like(gaps_t) if gaps_std is None else _as_vector(gaps_std, "gaps_std")
+        if std_t.numel() != gaps_t.numel() or not bool((std_t >= 0).all()):
+            raise ValueError("`gaps_std` must hold one non-negative value per size.")
+        if dimension is not None:
+            dimension = _check_dimension(dimension)
+        fit_min = float(sizes_t[0]) if fit_min_size is None else float(fit_min_size)
+        in_fit = sizes_t >= fit_min - 1e-9
+        if dimension is None and int(in_fit.sum()) < 2:
+            raise ValueError(
+                f"Fewer than 2 sizes are >= fit_min_size={fit_min:g}; lower it or add sizes."
+            )
+        cells = [[g.reshape(1)] for g in gaps_t]
+        law = cls._from_cells(
+            cells,
+            sizes_t,
+            gaps_t,
+            in_fit,
+            p=p,
+            k=1,
+            dimension=dimension,
+            anchor_size=float(sizes_t[-1]),
+            anchor_mean=float(gaps_t[-1]),
+            anchor_se=float(std_t[-1]),
+            generator=_generator(seed),
+            n_train=round(float(sizes_t[-1])),
+            fit_min=fit_min,
+            pooled=False,
+            group_size=1,
+            cell_se=std_t,
+        )
+        return law
+
+    @classmethod
+    def _from_cells(
+        cls,
+        cells: list[list[Tensor]],
+        sizes: Tensor,
+        means: Tensor,
+        in_fit: Tensor,
+        *,
+        p: float,
+        k: int,
+        dimension: float | None,
+        anchor_size: float,
+        anchor_mean: float,
+        anchor_se: float,
+        generator: torch.Generator,
+        n_train: int,
+        fit_min: float,
+        pooled: bool,
+        group_size: int,
+        cell_se: Tensor | None = None,
+    ) -> GapLaw:
+        """Point estimate and bootstrap of the law from per-size, per-repeat measurements."""
+        log_n = sizes.log()
+        if dimension is None:
+            slope = _ols_slope(log_n[in_fit], means[in_fit].log())
+            if not slope < 0.0:
+                raise ValueError(
+                    f"The gap does not decrease with the training-set size (fitted slope {slope:.3g}"
+                    f" of log R vs log n over sizes {sizes[in_fit].long().tolist()}, gaps "
+                    f"{[f'{g:.3g}' for g in means[in_fit].tolist()]}). Either the sizes are too "
+                    "small to leave the pre-asymptotic regime, the references are far from the "
+                    "training distribution, or the data are (near-)duplicated; use more points, "
+                    "larger `sizes`, or fix `dimension`."
+                )
+            d = -p / slope
+        else:
+            d = dimension
+
+        # Bootstrap: resample the subsets' gap estimates per size (or perturb a single estimate
+        # by its standard error over its per-point terms), refit the slope; perturb the anchor.
+        boot = _NUM_BOOTSTRAP
+        boot_means = torch.empty(boot, sizes.numel(), dtype=torch.float64)
+        for i, row in enumerate(cells):
+            cell_means = torch.stack([c.mean() for c in row])
+            if cell_se is not None:
+                cell_sds = cell_se[i].reshape(1)
+            else:
+                cell_sds = torch.stack(
+                    [
+                        c.std() / math.sqrt(c.numel()) if c.numel() > 1 else c.new_zeros(())
+                        for c in row
+                    ]
+                )
+            if len(row) >= 2:  # blocks are i.i.d. estimates: resample them
+                pick = torch.randint(len(row), (boot, len(row)), generator=generator)
+                draws = cell_means[pick]
+            else:  # a single measurement: perturb it by its standard error
+                noise = torch.randn(boot, 1, generator=generator, dtype=torch.float64)
+                draws = cell_means + cell_sds * noise
+            boot_means[:, i] = draws.mean(dim=1)
+        boot_means = boot_means.clamp_min(torch.finfo(torch.float64).tiny)
+        gaps_std = boot_means.std(dim=0)
+        anchor_draws = anchor_mean + anchor_se * torch.randn(
+            boot, generator=generator, dtype=torch.float64
+        )
+        if dimension is None:
+            slopes = _ols_slope(log_n[in_fit], boot_means[:, in_fit].log())
+            good = (slopes < 0) & (anchor_draws > 0)
+            inv_d = -slopes[good] / p
+            anchor_draws = anchor_draws[good]
+        else:
+            good = anchor_draws > 0
+            inv_d = torch.full((int(good.sum()),), 1.0 / d, dtype=torch.float64)
+            anchor_draws = anchor_draws[good]
+        if inv_d.numel() < boot // 2:
+            warnings.warn(
+                "More than half of the bootstrap fits gave a non-decreasing gap; the dimension and"
+                " its uncertainty are unreliable. Use more points or repeats.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        log_j_draws = _log_constant(anchor_draws, anchor_size, p, inv_d, k)
+        log_j = float(
+            _log_constant(
+                torch.tensor([anchor_mean], dtype=torch.float64),
+                anchor_size,
+                p,
+                torch.tensor([1.0 / d], dtype=torch.float64),
+                k,
+            )[0]
+        )
+        if inv_d.numel() >= 2:
+            stacked = torch.stack([log_j_draws, inv_d])
+            covariance = torch.cov(stacked)
+            d_std = float((1.0 / inv_d).std()) if dimension is None else 0.0
+            j_std = float(log_j_draws.exp().std())
+        else:
+            covariance = torch.zeros(2, 2, dtype=torch.float64)
+            d_std = j_std = math.nan
+        constant = math.exp(log_j)
+        anchor_gap = constant * anchor_size ** (-p / d)
+        return cls(
+            dimension=d,
+            constant=constant,
+            p=p,
+            dimension_std=d_std,
+            constant_std=j_std,
+            covariance=covariance.tolist(),
+            n_train=n_train,
+            sizes=sizes,
+            gaps=means,
+            gaps_std=gaps_std,
+            fit_min_size=fit_min,
+            anchor_size=anchor_size,
+            anchor_gap=anchor_gap,
+            k=k,
+            pooled=pooled,
+            group_size=group_size,
+        )
+
+    # ------------------------------------------------------------------ derived quantities
+
+    @property
+    def local_dimensions(self) -> Tensor:
+        r"""``[K - 1]`` local dimensions :math:`-p\,\Delta\log n / \Delta\log R` between sizes."""
+        if self.sizes.numel() < 2:
+            return torch.empty(0, dtype=torch.float64)
+        dlog_r = self.gaps.log().diff()
+        dlog_n = self.sizes.log().diff()
+        local = -self.p * dlog_n / dlog_r
+        return torch.where(dlog_r < 0, local, torch.full_like(local, math.inf))
+
+    @property
+    def exponent(self) -> float:
+        """The decay exponent ``p / dimension`` of :math:`R_n \\propto n^{-p/d}`."""
+        return self.p / self.dimension
+
+    @property
+    def orbit_constant(self) -> float:
+        r"""Constant counted in orbit points, :math:`J\,|G|^{p/d}` (:math:`R^G_n = R_{|G| n}`).
+
+        Comparable to the constant of a law fitted without the symmetry; equals :attr:`constant`
+        when ``group_size == 1``.
+        """
+        return self.constant * self.group_size ** (self.p / self.dimension)
+
+    def predict(self, n: float | Tensor | Sequence[float]) -> float | Tensor:
+        r"""Predicted gap :math:`J\,n^{-p/d}` at training-set size(s) ``n``.
+
+        Args:
+            n: positive size(s): a number (returns a float) or a tensor / sequence of any shape
+                (returns a float64 tensor of that shape).
+        """
+        n_t, scalar = _as_sizes(n, "n")
+        out = self.constant * n_t.pow(-self.p / self.dimension)
+        return float(out) if scalar else out
+
+    def predict_interval(
+        self, n: float | Tensor | Sequence[float], level: float = 0.9
+    ) -> tuple[float, float] | tuple[Tensor, Tensor]:
+        r"""Uncertainty band of :meth:`predict` at ``n``: ``(low, high)``.
+
+        :math:`\log R(n) = \log J - p\,(1/d)\log n` is linear in :math:`(\log J, 1/d)`, whose joint
+        covariance comes from the bootstrap in :meth:`fit`; the band is the Gaussian quantile
+        interval of :math:`\log R(n)` at ``level``. It reflects sampling noise (subsets, points,
+        repeats), not model misfit at sizes far outside the measured range.
+        """
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise ValueError(f"`level` must be a probability in (0, 1), got {level!r}.")
+        n_t, scalar = _as_sizes(n, "n")
+        log_n = n_t.log()
+        cov = self._covariance
+        var = cov[0, 0] - 2 * self.p * log_n * cov[0, 1] + (self.p * log_n) ** 2 * cov[1, 1]
+        half = float(stats.norm.ppf(0.5 + level / 2)) * var.clamp_min(0).sqrt()
+        centre = math.log(self.constant) - self.p / self.dimension * log_n
+        low, high = (centre - half).exp(), (centre + half).exp()
+        if scalar:
+            return float(low), float(high)
+        return low, high
+
+    def samples_for(self, target_gap: float | Tensor) -> float | Tensor:
+        r"""Training-set size needed to reach ``target_gap``: :math:`n = (J / R)^{d/p}`.
+
+        The inverse of :meth:`predict`. A float for a number, a float64 tensor for a tensor.
+        Returns ``inf`` if the size overflows float64.
+        """
+        target, scalar = _as_sizes(target_gap, "target_gap")
+        out = (self.constant / target).pow(self.dimension / self.p)
+        return float(out) if scalar else out
+
+    # ------------------------------------------------------------------ plotting
+
+    def plot(
+        self, ax: Axes | None = None, n_max: float | None = None, *, level: float = 0.9
+    ) -> tuple[Figure, Axes]:
+        """Log-log plot of the measured gaps (with error bars), the fitted law and its band.
+
+        Args:
+            ax: matplotlib ``Axes`` to draw on; a new figure when ``None``.
+            n_max: right end of the fitted line (default ``4 * max(sizes)``).
+            level: probability of the uncertainty band.
+
+        Returns:
+            ``(figure, axes)``.
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "GapLaw.plot needs matplotlib; install it with `pip install gapcallback[plot]`."
+            ) from err
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(5, 4))
+        else:
+            fig = ax.figure
+        lo = float(self.sizes.min()) if self.sizes.numel() else 1.0
+        hi_default = 4.0 * float(self.sizes.max()) if self.sizes.numel() else 1e4
+        hi = hi_default if n_max is None else float(n_max)
+        if not hi > lo:
+            raise ValueError(f"`n_max` must exceed the smallest size {lo:g}, got {n_max}.")
+        grid = torch.logspace(math.log10(lo), math.log10(hi), 100, dtype=torch.float64)
+        low, high = self.predict_interval(grid, level)
+        ax.fill_between(
+            grid.numpy(),
+            low.numpy(),
+            high.numpy(),
+            alpha=0.25,
+            color="C0",
+            label=f"{round(level * 100)}% band",
+        )
+        ax.plot(
+            grid.numpy(),
+            self.predict(grid).numpy(),
+            color="C0",
+            label=f"$R_n = {self.constant:.3g}\\,n^{{-{self.p:g}/{self.dimension:.2f}}}$",
+        )
+        if self.sizes.numel():
+            ax.errorbar(
+                self.sizes.numpy(),
+                self.gaps.numpy(),
+                yerr=self.gaps_std.numpy(),
+                fmt="o",
+                color="C1",
+                ms=4,
+                label="measured",
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training-set size n")
+        ax.set_ylabel(f"representation gap $R_n$ (p={self.p:g})")
+        ax.legend()
+        return fig, ax
+
+    # ------------------------------------------------------------------ (de)serialisation
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state (floats, ints, bools, lists) for checkpoints and JSON."""
+        return {
+            "version": _STATE_VERSION,
+            "dimension": self.dimension,
+            "constant": self.constant,
+            "p": self.p,
+            "dimension_std": self.dimension_std,
+            "constant_std": self.constant_std,
+            "covariance": self._covariance.tolist(),
+            "n_train": self.n_train,
+            "sizes": self.sizes.tolist(),
+            "gaps": self.gaps.tolist(),
+            "gaps_std": self.gaps_std.tolist(),
+            "fit_min_size": self.fit_min_size,
+            "anchor_size": self.anchor_size,
+            "anchor_gap": self.anchor_gap,
+            "k": self.k,
+            "pooled": self.pooled,
+            "group_size": self.group_size,
+            "reference_gap": self.reference_gap,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> GapLaw:
+        """Rebuild a :class:`GapLaw` from :meth:`state_dict`."""
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"`state` must be a dict from GapLaw.state_dict(), got {type(state).__name__}."
+            )
+        state = dict(state)
+        version = state.pop("version", _STATE_VERSION)
+        if version != _STATE_VERSION:
+            raise ValueError(
+                f"Unsupported GapLaw state version {version}; expected {_STATE_VERSION}."
+            )
+        missing = {"dimension", "constant", "p"} - set(state)
+        if missing:
+            raise ValueError(f"GapLaw state is missing {sorted(missing)}.")
+        return cls(**state)
+
+    def __repr__(self) -> str:
+        return (
+            f"GapLaw(dimension={self.dimension:.4g} ± {self.dimension_std:.2g}, "
+            f"constant={self.constant:.4g} ± {self.constant_std:.2g}, p={self.p:g}, "
+            f"n_train={self.n_train}, sizes={self.sizes.numel()}, pooled={self.pooled})"
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _generator(seed: int | torch.Generator) -> torch.Generator:
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != "cpu":
+            raise ValueError("`seed` must be an int or a CPU torch.Generator.")
+        return seed
+    seed = check_positive_int(seed, "seed", minimum=0)
+    return torch.Generator().manual_seed(seed)
+
+
+def _check_dimension(dimension: object) -> float:
+    if isinstance(dimension, bool) or not isinstance(dimension, (int, float)):
+        raise TypeError(f"`dimension` must be a positive number or None, got {dimension!r}.")
+    value = float(dimension)
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"`dimension` must be a finite positive number, got {value}.")
+    return value
+
+
+def _group_size(group_size: int | None, symmetry: Symmetry | None) -> int:
+    if group_size is not None:
+        return check_positive_int(group_size, "group_size")
+    order = getattr(symmetry, "order", None) if symmetry is not None else None
+    return int(order) if isinstance(order, int) and order >= 1 else 1
+
+
+def _size_grid(
+    sizes: Sequence[int] | Tensor | None, num_sizes: int, n_max: int, pooled: bool
+) -> Tensor:
+    what = "n + m - 1 (pooled training and reference points)" if pooled else "n (training points)"
+    if sizes is None:
+        num_sizes = check_positive_int(num_sizes, "num_sizes", minimum=3)
+        if n_max < 32:
+            raise ValueError(
+                f"The default size grid runs from n_max/16 to n_max = {what} = {n_max}, which needs"
+                " n_max >= 32; pass more points or explicit `sizes`."
+            )
+        grid = torch.logspace(
+            math.log10(n_max / 16), math.log10(n_max), num_sizes, dtype=torch.float64
+        )
+        grid = torch.unique(grid.round())
+        grid[-1] = n_max
+        return grid
+    if isinstance(sizes, Tensor):
+        if sizes.is_floating_point() or sizes.is_complex():
+            if not bool((sizes == sizes.round()).all()):
+                raise TypeError(f"`sizes` must be integers, got {sizes.tolist()}.")
+        values = [int(v) for v in sizes.reshape(-1).tolist()]
+    else:
+        try:
+            values = [check_positive_int(v, "sizes[i]") for v in sizes]
+        except TypeError as err:
+            raise TypeError(f"`sizes` must be a sequence of ints, got {sizes!r}.") from err
+    if len(values) < 2:
+        raise ValueError(f"`sizes` needs at least 2 sizes, got {values}.")
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"`sizes` must be strictly increasing, got {values}.")
+    if values[0] < 1 or values[-1] > n_max:
+        raise ValueError(
+            f"`sizes` must lie in [1, {n_max}] (n_max = {what}), got {values}; pass more points or"
+            " smaller sizes."
+        )
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _power(sq_dists: Tensor, p: float) -> Tensor:
+    """``(d^2)^(p/2)`` in float64 on CPU."""
+    values = sq_dists.detach().to(device="cpu", dtype=torch.float64)
+    return values if p == 2.0 else values.pow(p / 2.0)
+
+
+def _partition_terms(
+    pool: Tensor,
+    reference: Tensor,
+    size: int,
+    p: float,
+    pooled: bool,
+    symmetry: Symmetry | None,
+    generator: torch.Generator,
+) -> list[Tensor]:
+    """One pass at ``size``: per-query ``||y - nearest||^p`` for disjoint random subsets.
+
+    The pool is shuffled and cut into ``len(pool) // block`` disjoint blocks (``block = size + 1``
+    when pooled: each point of a block is a reference to the ``size`` others; ``block = size``
+    otherwise: the references query each block). Every block is an i.i.d. sample of the right size,
+    so each block's mean is an unbiased gap estimate, and together they use every point once.
+    """
+    block = size + 1 if pooled else size
+    total = pool.shape[0]
+    if block >= total:
+        blocks = [pool]
+    else:
+        order = torch.randperm(total, generator=generator).to(pool.device)
+        blocks = [pool[order[s : s + block]] for s in range(0, total - block + 1, block)]
+    out = []
+    for subset in blocks:
+        if pooled:
+            sq = knn(subset, subset, 1, exclude_self=True, symmetry=symmetry).sq_dists[:, 0]
+        else:
+            sq = knn(reference, subset, 1, symmetry=symmetry).sq_dists[:, 0]
+        out.append(_power(sq, p))
+    return out
+
+
+def _default_fit_min(sizes: Tensor, means: Tensor, p: float, n_max: int) -> float:
+    """``n_max / clip(2^(8/d0), 4, 16)``, ``d0`` from the slope over the whole grid."""
+    positive = means > 0
+    slope = (
+        _ols_slope(sizes[positive].log(), means[positive].log())
+        if int(positive.sum()) >= 2
+        else 0.0
+    )
+    ratio = 4.0 if not slope < 0 else min(16.0, max(4.0, 2.0 ** (8.0 * -slope / p)))
+    fit_min = n_max / ratio
+    if int((sizes >= fit_min - 1e-9).sum()) < 2:  # short custom grids: keep at least two sizes
+        fit_min = float(sizes[-2])
+    return float(fit_min)
+
+
+def _zero_gap_message(size: float, pooled: bool) -> str:
+    cause = (
+        "the pooled training and reference points contain exact duplicates"
+        if pooled
+        else "every reference point is a copy of a training point"
+    )
+    return (
+        f"The measured gap is 0 at size {int(size)}: {cause}, so the law (fitted in log space) is "
+        "undefined. Remove duplicates (e.g. `torch.unique(x, dim=0)`) and references that appear in"
+        " the training set."
+    )
+
+
+def _check_nonzero(cells: list[list[Tensor]], sizes: Tensor, pooled: bool) -> None:
+    for size, row in zip(sizes.tolist(), cells, strict=True):
+        if any(float(c.mean()) == 0.0 for c in row):
+            raise ValueError(_zero_gap_message(size, pooled))
+
+
+def _ols_slope(x: Tensor, y: Tensor) -> Tensor | float:
+    """Least-squares slope of ``y`` on ``x`` (``y`` ``[K]`` or batched ``[B, K]``)."""
+    xc = x - x.mean()
+    slope = (y - y.mean(dim=-1, keepdim=True)) @ xc / xc.square().sum()
+    return float(slope) if y.ndim == 1 else slope
+
+
+def _log_constant(
+    anchor_mean: Tensor, anchor_size: float, p: float, inv_d: Tensor, k: int
+) -> Tensor:
+    r"""LPS: :math:`\log J = \log[\Gamma(1+a)\Gamma(k)/\Gamma(k+a)\, N^{a}\, \overline{\rho^p}]`, a = p/d."""
+    a = p * inv_d
+    a_np = a.numpy()
+    log_gamma = torch.from_numpy(
+        special.gammaln(1.0 + a_np) + special.gammaln(k) - special.gammaln(k + a_np)
+    )
+    return log_gamma + a * math.log(anchor_size) + anchor_mean.log()
+
+
+def _as_vector(values: Sequence[float] | Tensor, name: str) -> Tensor:
+    try:
+        out = torch.as_tensor(values, dtype=torch.float64).reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"`{name}` must be a 1-D sequence or tensor of numbers, got {values!r}."
+        ) from err
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"`{name}` contains NaN or Inf: {out.tolist()}.")
+    return out
+
+
+def _as_sizes(n: float | Tensor | Sequence[float], name: str) -> tuple[Tensor, bool]:
+    """``n`` as a float64 tensor (and whether it was a plain number); must be finite and > 0."""
+    if isinstance(n, bool):
+        raise TypeError(f"`{name}` must be a positive number or tensor, got {n!r}.")
+    scalar = isinstance(n, (int, float))
+    if isinstance(n, Tensor):
+        if n.is_complex():
+            raise TypeError(f"`{name}` must be real, got dtype {n.dtype}.")
+        n_t = n.detach().to(dtype=torch.float64)
+    else:
+        try:
+            n_t = torch.as_tensor(n, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"`{name}` must be a positive number or tensor, got {n!r}.") from err
+    if not bool(torch.isfinite(n_t).all()) or not bool((n_t > 0).all()):
+        raise ValueError(f"`{name}` must be finite and positive, got {n!r}.")
+    return n_t, scalar
+
+
+def _check_pooling(law: GapLaw, reference_terms: Tensor, m: int) -> None:
+    """Warn when references and training points do not look like one distribution."""
+    measured = float(reference_terms.mean())
+    predicted = law.predict(law.n_train)
+    if measured <= 0.0 or not isinstance(predicted, float):
+        return
+    se = float(reference_terms.std()) / math.sqrt(m) / measured if m > 1 else 0.0
+    low, high = law.predict_interval(law.n_train, 0.6827)
+    law_se = math.log(high / low) / 2.0 if isinstance(low, float) and low > 0 else 0.0
+    if abs(math.log(measured / predicted)) > 0.05 + 4.0 * math.hypot(se, law_se):
+        warnings.warn(
+            f"The references' gap to the training set ({measured:.4g}) differs from the pooled law's"
+            f" prediction at n={law.n_train} ({predicted:.4g}) by more than sampling noise explains:"
+            " references and training points do not look like draws of one distribution. Refit"
+            " with `pooled=False`, which estimates the gap of these references.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,354 @@
+"""Tests of :class:`gapcallback.law.GapLaw`.
+
+Oracles: hand-built power laws (exact), closed-form constants of uniform densities
+(:math:`J = \\Gamma(1 + p/d) V_d^{-p/d} \\mathrm{vol}^{p/d}`), the exact expected gap on spheres
+(a 1-D integral) and Monte Carlo with fresh training points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import integrate, special
+
+from gapcallback.functional.representation_gap import representation_gap
+from gapcallback.law import GapLaw
+
+matplotlib.use("Agg")
+
+
+def _sphere(n: int, d: int, seed: int, ambient: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d + 1, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    if ambient is not None:
+        x = torch.nn.functional.pad(x, (0, ambient - d - 1))
+    return x
+
+
+def _exact_sphere_gap(n: int, d: int, p: float = 2.0) -> float:
+    """E[min_j |y - x_j|^p] for n uniform points on the unit sphere S^d (chordal distance)."""
+    theta = np.linspace(0.0, np.pi, 200_001)
+    cap = integrate.cumulative_trapezoid(np.sin(theta) ** (d - 1), theta, initial=0.0)
+    cap /= cap[-1]
+    chord_p = (2 * np.sin(theta / 2)) ** p
+    survival = (1.0 - cap) ** n
+    return float(np.sum(0.5 * (survival[1:] + survival[:-1]) * np.diff(chord_p)))
+
+
+def _uniform_constant(d: int, volume: float, p: float = 2.0) -> float:
+    """J = Gamma(1 + p/d) V_d^(-p/d) vol^(p/d) for the uniform density on a d-manifold."""
+    v_d = math.pi ** (d / 2) / special.gamma(d / 2 + 1)
+    return special.gamma(1 + p / d) * (volume / v_d) ** (p / d)
+
+
+@pytest.fixture(scope="module")
+def sphere_law() -> GapLaw:
+    x = _sphere(1200, 2, seed=0)
+    return GapLaw.fit(x[:600], x[600:], seed=0)
+
+
+# ---------------------------------------------------------------------- exact power laws
+
+
+@pytest.mark.parametrize(
+    ("d", "p", "constant"), [(1.0, 2.0, 19.7), (3.5, 1.0, 0.8), (8.0, 2.0, 3.0)]
+)
+def test_from_gaps_recovers_exact_power_law(d: float, p: float, constant: float) -> None:
+    sizes = torch.tensor([100.0, 200.0, 400.0, 800.0, 1600.0], dtype=torch.float64)
+    gaps = constant * sizes ** (-p / d)
+    law = GapLaw.from_gaps(sizes, gaps, p=p)
+    assert law.dimension == pytest.approx(d, rel=1e-10)
+    assert law.constant == pytest.approx(constant, rel=1e-10)
+    torch.testing.assert_close(law.local_dimensions, torch.full((4,), d, dtype=torch.float64))
+    # Extrapolation R(n') = R(n) (n / n')^(p/d), exactly.
+    assert law.predict(12800) == pytest.approx(
+        float(gaps[-1]) * (1600 / 12800) ** (p / d), rel=1e-10
+    )
+    assert law.dimension_std == pytest.approx(0.0, abs=1e-12)
+    low, high = law.predict_interval(12800)
+    assert low == pytest.approx(high, rel=1e-9)
+
+
+def test_from_gaps_fixed_dimension_anchors_at_largest_size() -> None:
+    sizes = [10.0, 100.0, 1000.0]
+    gaps = [1.0, 0.5, 0.1]
+    law = GapLaw.from_gaps(sizes, gaps, dimension=2.0)
+    assert law.dimension == 2.0
+    assert law.predict(1000) == pytest.approx(0.1, rel=1e-12)
+    assert law.constant == pytest.approx(0.1 * 1000.0, rel=1e-12)
+
+
+def test_from_gaps_uncertainty_grows_with_extrapolation() -> None:
+    sizes = torch.tensor([100.0, 200.0, 400.0, 800.0])
+    gaps = 2.0 * sizes ** (-0.5)
+    law = GapLaw.from_gaps(
+        sizes, gaps * torch.tensor([1.02, 0.99, 1.01, 1.0]), gaps_std=0.02 * gaps
+    )
+    assert law.dimension_std > 0
+    widths = [math.log(h / lo) for lo, h in (law.predict_interval(n) for n in (800, 8000, 80000))]
+    assert widths[0] < widths[1] < widths[2]
+    low, high = law.predict_interval(8000, level=0.5)
+    low90, high90 = law.predict_interval(8000, level=0.9)
+    assert low90 < low < law.predict(8000) < high < high90
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    d=st.floats(0.5, 50.0),
+    p=st.floats(0.25, 4.0),
+    constant=st.floats(1e-3, 1e3),
+    n=st.floats(1.0, 1e7),
+)
+def test_predict_and_samples_for_are_inverse(d: float, p: float, constant: float, n: float) -> None:
+    law = GapLaw(dimension=d, constant=constant, p=p)
+    gap = law.predict(n)
+    assert isinstance(gap, float)
+    assert law.samples_for(gap) == pytest.approx(n, rel=1e-9)
+    # Doubling n divides the gap by 2^(p/d).
+    assert law.predict(2 * n) == pytest.approx(gap * 2 ** (-p / d), rel=1e-12)
+
+
+def test_predict_is_vectorised() -> None:
+    law = GapLaw(dimension=4.0, constant=2.0)
+    n = torch.tensor([[1.0, 16.0], [256.0, 4096.0]])
+    out = law.predict(n)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 2) and out.dtype == torch.float64
+    torch.testing.assert_close(out, 2.0 * n.double() ** -0.5)
+    torch.testing.assert_close(law.predict([1, 16]), torch.tensor([2.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(law.samples_for(out), n.double())
+    low, high = law.predict_interval(n)
+    assert low.shape == high.shape == (2, 2)
+
+
+# ---------------------------------------------------------------------- data of known dimension
+
+
+def test_circle_dimension_and_closed_form_constant() -> None:
+    # Unit circle: d = 1, length 2 pi, J = Gamma(3) (2 pi / 2)^2 = 2 pi^2 (arc ~ chord).
+    x = _sphere(1600, 1, seed=1, ambient=3)
+    law = GapLaw.fit(x[:800], x[800:], repeats=3, seed=1)
+    assert law.dimension == pytest.approx(1.0, abs=0.05)
+    fixed = GapLaw.fit(x[:800], x[800:], k=8, dimension=1.0, sizes=[800, 1599], repeats=1)
+    assert fixed.constant == pytest.approx(_uniform_constant(1, 2 * math.pi), rel=0.06)
+    assert fixed.dimension_std == 0.0
+
+
+def test_sphere_fit_matches_closed_form_and_exact_gap(sphere_law: GapLaw) -> None:
+    law = sphere_law
+    assert law.dimension == pytest.approx(2.0, abs=0.2)
+    assert law.dimension_std < 0.2
+    # Unit S^2: J = Gamma(2) V_2^-1 (4 pi) = 4, so R_n ~ 4 / n.
+    assert law.predict(4000) == pytest.approx(_exact_sphere_gap(4000, 2), rel=0.08)
+    assert _exact_sphere_gap(4000, 2) == pytest.approx(4.0 / 4000, rel=0.01)
+    assert law.sizes[-1] == 1199  # pooled: every point sees the other 1199
+    assert law.anchor_size == 1199.0
+    assert torch.all(law.sizes[1:] > law.sizes[:-1])
+    assert torch.all(law.gaps_std > 0)
+    # Measured gaps agree with the exact expectation at every grid size.
+    exact = torch.tensor([_exact_sphere_gap(int(s), 2) for s in law.sizes], dtype=torch.float64)
+    torch.testing.assert_close(law.gaps, exact, rtol=0.1, atol=0.0)
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_lps_estimator_matches_exact_gap_on_sphere(k: int) -> None:
+    # LPS with the true d: Gamma(1+p/d) Gamma(k)/Gamma(k+p/d) ((N-1)/n)^(p/d) mean rho_k^p.
+    d = 3
+    x = _sphere(1600, d, seed=k, ambient=6)
+    for pooled in (True, False):
+        law = GapLaw.fit(
+            x[:800], x[800:], k=k, dimension=float(d), pooled=pooled, sizes=[400, 799], repeats=1
+        )
+        for n in (300, 1000, 4000):
+            assert law.predict(n) == pytest.approx(_exact_sphere_gap(n, d), rel=0.06), (pooled, n)
+
+
+def test_unpooled_law_follows_references_from_another_distribution() -> None:
+    # Training density q = 1.6 on [0, 1/2] and 0.4 on [1/2, 1], references uniform on [0, 1]:
+    # R_n ~ Gamma(3) / 2^2 * int pi q^-2 / n^2 = 0.5 * 3.3203 / n^2. Pooling both (mixture density
+    # f = (q + pi) / 2) estimates 0.5 * int f^-1 / n^2 = 0.5 * 1.0989 / n^2 instead: 3x too small.
+    g = torch.Generator().manual_seed(3)
+    n = 3000
+
+    def draw_train(size: int) -> torch.Tensor:
+        u = torch.rand(size, 1, generator=g, dtype=torch.float64)
+        dense = torch.rand(size, 1, generator=g, dtype=torch.float64) < 0.8
+        return torch.where(dense, 0.5 * u, 0.5 + 0.5 * u)
+
+    train = draw_train(n)
+    reference = torch.rand(n, 1, generator=g, dtype=torch.float64)
+    law = GapLaw.fit(train, reference, pooled=False, dimension=1.0, k=8, sizes=[1500, n], seed=0)
+    closed_form = 0.5 * (0.5 / 1.6**2 + 0.5 / 0.4**2) / (2 * n) ** 2
+    fresh = [float(representation_gap(reference, draw_train(2 * n))) for _ in range(3)]
+    assert float(np.mean(fresh)) == pytest.approx(closed_form, rel=0.2)  # Monte Carlo
+    assert law.predict(2 * n) == pytest.approx(closed_form, rel=0.25)
+    with pytest.warns(RuntimeWarning, match="pooled=False"):
+        pooled = GapLaw.fit(train, reference, pooled=True, dimension=1.0, sizes=[n, 2 * n - 1])
+    mixture_form = 0.5 * (0.5 / 1.3 + 0.5 / 0.7) / (2 * n) ** 2
+    assert pooled.predict(2 * n) == pytest.approx(mixture_form, rel=0.2)
+
+
+def test_pooled_fit_does_not_warn_on_iid_data(sphere_law: GapLaw) -> None:
+    x = _sphere(800, 2, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        law = GapLaw.fit(x[:400], x[400:], seed=2)
+    # The references' own gap to the training set agrees with the law at n_train.
+    assert law.reference_gap == pytest.approx(law.predict(400), rel=0.15)
+
+
+def test_unpooled_grid_and_anchor(sphere_law: GapLaw) -> None:
+    x = _sphere(1200, 2, seed=0)
+    law = GapLaw.fit(x[:600], x[600:], pooled=False, repeats=3, k=1, seed=0)
+    assert not law.pooled
+    assert law.sizes[-1] == 600 and law.anchor_size == 600.0 and law.n_train == 600
+    # k = 1 without pooling: the anchor is exactly the measured gap of the references.
+    assert law.anchor_gap == pytest.approx(law.reference_gap, rel=1e-9)
+    assert law.gaps[-1] == pytest.approx(law.reference_gap, rel=1e-9)
+    assert law.dimension == pytest.approx(sphere_law.dimension, abs=0.4)
+
+
+def test_fit_is_reproducible_and_flattens_trailing_dims() -> None:
+    x = _sphere(400, 3, seed=7).float()
+    a = GapLaw.fit(x[:200], x[200:], repeats=2, seed=11)
+    b = GapLaw.fit(x[:200].reshape(200, 2, 2), x[200:].reshape(200, 2, 2), repeats=2, seed=11)
+    assert a.dimension == b.dimension and a.constant == b.constant
+    torch.testing.assert_close(a.gaps, b.gaps)
+    c = GapLaw.fit(x[:200], x[200:], repeats=2, seed=torch.Generator().manual_seed(11))
+    assert c.dimension == a.dimension
+
+
+def test_explicit_sizes_and_fit_range() -> None:
+    x = _sphere(1000, 2, seed=8)
+    law = GapLaw.fit(x[:500], x[500:], sizes=[50, 100, 200, 400, 999], fit_min_size=50, seed=0)
+    torch.testing.assert_close(
+        law.sizes, torch.tensor([50.0, 100.0, 200.0, 400.0, 999.0], dtype=torch.float64)
+    )
+    assert law.fit_min_size == 50.0
+    assert law.dimension == pytest.approx(2.0, abs=0.3)
+
+
+def test_symmetry_shrinks_constant_like_a_larger_training_set() -> None:
+    from gapcallback.symmetry.finite_group import FiniteGroup
+
+    # Points on S^2 and the sign flip x -> -x (|G| = 2): R^G_n ~ R_{2n}.
+    x = _sphere(1600, 2, seed=9)
+    flip = FiniteGroup([torch.neg], names=["neg"])
+    law = GapLaw.fit(
+        x[:800], x[800:], symmetry=flip, dimension=2.0, k=4, sizes=[800, 1599], repeats=1
+    )
+    assert law.group_size == 2
+    assert law.predict(1000) == pytest.approx(_exact_sphere_gap(2000, 2), rel=0.08)
+    assert law.orbit_constant == pytest.approx(2 * law.constant, rel=1e-12)
+
+
+# ---------------------------------------------------------------------- state, repr, plot
+
+
+def test_state_dict_round_trip(sphere_law: GapLaw) -> None:
+    state = sphere_law.state_dict()
+    restored = GapLaw.from_state_dict(json.loads(json.dumps(state)))
+    for name in (
+        "dimension",
+        "constant",
+        "dimension_std",
+        "constant_std",
+        "p",
+        "n_train",
+        "k",
+        "anchor_size",
+        "anchor_gap",
+        "pooled",
+        "group_size",
+        "reference_gap",
+    ):
+        assert getattr(restored, name) == getattr(sphere_law, name), name
+    torch.testing.assert_close(restored.sizes, sphere_law.sizes)
+    torch.testing.assert_close(restored.gaps_std, sphere_law.gaps_std)
+    n = torch.tensor([10.0, 1e3, 1e5])
+    torch.testing.assert_close(restored.predict(n), sphere_law.predict(n))
+    torch.testing.assert_close(restored.predict_interval(n)[0], sphere_law.predict_interval(n)[0])
+    assert "dimension=" in repr(restored) and "pooled=True" in repr(restored)
+
+
+def test_plot_returns_axes(sphere_law: GapLaw) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.axes import Axes
+
+    fig, ax = sphere_law.plot(n_max=20000)
+    assert isinstance(ax, Axes)
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert len(ax.lines) >= 1 and ax.get_xlim()[1] >= 20000
+    _, ax2 = GapLaw(dimension=2.0, constant=1.0).plot(ax=ax)
+    assert ax2 is ax
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    x = _sphere(200, 2, seed=0)
+    with pytest.raises(ValueError, match="finite positive"):
+        GapLaw.fit(x[:100], x[100:], p=0.0)
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        GapLaw.fit(x[:100].numpy(), x[100:])
+    bad = x[:100].clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        GapLaw.fit(bad, x[100:])
+    with pytest.raises(ValueError, match="features"):
+        GapLaw.fit(x[:100], x[100:, :2])
+    with pytest.raises(ValueError, match="n_max >= 32"):
+        GapLaw.fit(x[:10], x[10:15])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        GapLaw.fit(x[:100], x[100:], sizes=[50, 20, 80])
+    with pytest.raises(ValueError, match=r"lie in \[1, 199\]"):
+        GapLaw.fit(x[:100], x[100:], sizes=[50, 100, 400])
+    with pytest.raises(ValueError, match="fit_min_size"):
+        GapLaw.fit(x[:100], x[100:], sizes=[20, 40, 80], fit_min_size=70)
+    with pytest.raises(TypeError, match="repeats"):
+        GapLaw.fit(x[:100], x[100:], repeats=2.5)
+    with pytest.raises(ValueError, match="dimension"):
+        GapLaw.fit(x[:100], x[100:], dimension=-1.0)
+
+
+def test_zero_gap_is_reported_with_its_cause() -> None:
+    x = _sphere(200, 2, seed=0)
+    with pytest.raises(ValueError, match="copy of a training point"):
+        GapLaw.fit(x, x[:50], pooled=False)
+    with pytest.raises(ValueError, match="duplicates"):
+        GapLaw.fit(x, x, pooled=True)
+
+
+def test_non_decreasing_gap_is_reported() -> None:
+    with pytest.raises(ValueError, match="does not decrease"):
+        GapLaw.from_gaps([10, 100, 1000], [0.1, 0.2, 0.3])
+    # Pure noise in one dimension far beyond its range: the gap cannot fall with n.
+    with pytest.raises(ValueError, match="positive"):
+        GapLaw.from_gaps([10, 100], [0.1, 0.0])
+
+
+def test_bad_arguments_of_methods() -> None:
+    law = GapLaw(dimension=2.0, constant=1.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="target_gap"):
+            law.samples_for(bad)
+        with pytest.raises(ValueError, match="`n`"):
+            law.predict(bad)
+    with pytest.raises(TypeError):
+        law.predict("100")
+    with pytest.raises(ValueError, match="level"):
+        law.predict_interval(100, level=1.5)
+    with pytest.raises(ValueError, match="version"):
+        GapLaw.from_state_dict({**law.state_dict(), "version": 99})
+    with pytest.raises(ValueError, match="constant"):
+        GapLaw(dimension=2.0, constant=0.0)
