@@ -10,9 +10,10 @@ to the power ``p``) follows the nearest-neighbour / random-quantization law
     J = \Gamma\!\left(1 + \tfrac{p}{d}\right) V_d^{-p/d} \int \pi(y)\, q(y)^{-p/d}\, d\mathrm{vol},
     \qquad V_d = \frac{\pi^{d/2}}{\Gamma(d/2 + 1)} .
 
-:class:`GapLaw` measures the gap at a geometric grid of training-set sizes (random subsets, several
-repeats), reads the dimension off the slope of :math:`\log R_n` against :math:`\log n` on the upper
-part of the grid (the slope at small ``n`` is biased by finite-size effects), and pins the constant
+:class:`GapLaw` measures the gap at a geometric grid of training-set sizes (each pass cuts the points
+into disjoint random subsets of the size; several passes), reads the dimension off the slope of
+:math:`\log R_n` against :math:`\log n` on the upper part of the grid (the slope at small ``n`` is
+biased by finite-size effects, relative size :math:`\propto n^{-2/d}`), and pins the constant
 with the Leonenko-Pronzato-Savani (LPS) ``k``-nearest-neighbour estimator at the largest size
 available. From ``N`` points whose ``k``-th neighbour distances are :math:`\rho_{k,i}`,
 
@@ -77,7 +78,15 @@ class GapLaw:
 
     :meth:`predict` evaluates ``constant * n ** (-p / dimension)``. The line passes through the
     LPS estimate of the gap at the largest measured size (the *anchor*) with the slope fitted on
-    the upper part of the size grid, so predictions extrapolate from the best-measured point.
+    the upper part of the size grid, so predictions extrapolate from the best-measured point:
+    :math:`R(n) = \hat R(N_\mathrm{eff}) (N_\mathrm{eff} / n)^{p/d}`.
+
+    Example:
+        >>> import torch
+        >>> from gapcallback.law import GapLaw
+        >>> law = GapLaw.from_gaps([100, 200, 400, 800], [0.4, 0.2, 0.1, 0.05])  # R = 40 / n
+        >>> round(law.dimension, 6), round(law.predict(1600), 6), round(law.samples_for(0.01))
+        (2.0, 0.025, 4000)
 
     Attributes:
         dimension: fitted (or fixed) dimension :math:`d = -p / \text{slope}`, float.
