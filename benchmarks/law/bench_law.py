@@ -169,7 +169,7 @@ def write(args: argparse.Namespace, rows: list[dict], digit_rows: list[dict], pa
         "",
         f"Fit: n = {args.n} training points + {args.n} references in R^{AMBIENT} (random rotation),"
         f" p = 2, pooled leave-one-out = {not args.unpooled}, k = {args.k}, default grid (9 sizes from"
-        f" n_max/16 to n_max, 5 repeats, slope on the upper quarter). Prediction at n = {args.n_target};"
+        f" n_max/16 to n_max, 5 passes, slope on sizes >= n_max / clip(2^(8/d0), 4, 16)). Prediction at n = {args.n_target};"
         f" measured = median over {args.draws} draws of the gap of {args.n_ref_measure} fresh references"
         f" to {args.n_target} fresh training points. {args.seeds} independent fits per manifold; the"
         " error columns are predicted / truth - 1 (median and worst of the fits), the truth being the"
