@@ -259,7 +259,7 @@ class GapLaw:
             raise TypeError(f"`pooled` must be a bool, got {pooled!r}.")
         if dimension is not None:
             dimension = _check_dimension(dimension)
-        group_size = _group_size(group_size, symmetry)
+        group_size = _group_size(group_size, symmetry, train)
         generator = _generator(seed)
 
         n = train.shape[0]
@@ -738,10 +738,11 @@ def _check_dimension(dimension: object) -> float:
     return value
 
 
-def _group_size(group_size: int | None, symmetry: Symmetry | None) -> int:
+def _group_size(group_size: int | None, symmetry: Symmetry | None, train: Tensor) -> int:
     if group_size is not None:
         return check_positive_int(group_size, "group_size")
-    order = getattr(symmetry, "order", None) if symmetry is not None else None
+    # order_on: some groups (CyclicShifts, Permutations) know |G| only from the point shape.
+    order = symmetry.order_on(train) if symmetry is not None else None
     return int(order) if isinstance(order, int) and order >= 1 else 1
 
 

@@ -299,10 +299,10 @@ def test_stale_values_fool_lightning_early_stopping_but_not_ours(tmp_path):
     cb_b = gc.GapCallback(
         REFERENCE, num_samples=64, every_n_epochs=3, dimension_method=None, log_figure=False
     )
-    ours = gc.GapEarlyStopping(monitor="gap/observed", patience=2)
+    ours = gc.GapEarlyStopping(monitor="gap/observed", patience=2, min_delta=1.0)
     trainer = make_trainer(tmp_path, [ours, cb_b], epochs=30)  # wrong order on purpose: it reorders
     trainer.fit(ConstantGapModel(), loader(TRAIN))
-    # Gap constant (same seeds): evaluation 0 sets best, evaluations 1 and 2 exhaust patience.
+    # No change by more than min_delta: evaluation 0 sets best, evaluations 1 and 2 exhaust patience.
     assert [h["epoch"] for h in cb_b.history] == [2, 5, 8]
     assert ours.stopped_epoch == 8 and trainer.current_epoch == 9
     assert ours.stopping_reason.name == "PATIENCE_EXHAUSTED"
@@ -318,7 +318,7 @@ def test_skipped_evaluations_do_not_count(tmp_path):
     callback = gc.GapCallback(
         REFERENCE, sampler=sampler, num_samples=64, dimension_method=None, log_figure=False
     )
-    stopper = gc.GapEarlyStopping(patience=1)
+    stopper = gc.GapEarlyStopping(patience=1, min_delta=1.0)
     trainer = make_trainer(tmp_path, [callback, stopper], epochs=6)
     with pytest.warns(gc.GapEvaluationWarning):
         trainer.fit(ConstantGapModel(), loader(TRAIN))
@@ -439,7 +439,7 @@ class FlakyOnRankOne(PointCloudModel):
 
 def test_ddp_two_processes(tmp_path):
     callback = gc.GapCallback(REFERENCE, train=TRAIN, num_samples=101, **FAST, log_figure=False)
-    stopper = gc.GapEarlyStopping(monitor="gap/observed", patience=1)
+    stopper = gc.GapEarlyStopping(monitor="gap/observed", patience=1, min_delta=1.0)
     trainer = L.Trainer(
         max_epochs=6,
         accelerator="cpu",
@@ -471,7 +471,7 @@ def test_ddp_two_processes(tmp_path):
     ]  # rank 1's failure skipped evaluation 1 on both, no deadlock
     assert "another process" in r0["history"][1]["reason"]
     assert "rank 1 sampler failure" in r1["history"][1]["reason"]
-    # Frozen model: evaluations 0 and 2 equal -> patience 1 exhausted at evaluation 2 (epoch 2).
+    # Frozen model (no change > min_delta): patience 1 exhausted at evaluation 2 (epoch 2).
     assert r0["stopped"] == 3
     first = r0["history"][0]
     assert first["gap/memorization"] == pytest.approx(

@@ -352,3 +352,15 @@ def test_bad_arguments_of_methods() -> None:
         GapLaw.from_state_dict({**law.state_dict(), "version": 99})
     with pytest.raises(ValueError, match="constant"):
         GapLaw(dimension=2.0, constant=0.0)
+
+
+def test_group_size_read_from_shape_dependent_symmetry():
+    """CyclicShifts knows |G| only from the point shape: the law must ask with the data."""
+    from gapcallback.symmetry import CyclicShifts
+
+    g = torch.Generator().manual_seed(0)
+    phase = torch.rand(300, 1, generator=g) * 2 * torch.pi
+    grid = torch.arange(8) * (2 * torch.pi / 8)
+    signals = torch.cos(grid + phase) + 0.05 * torch.randn(300, 8, generator=g)
+    law = GapLaw.fit(signals[:200], signals[200:], symmetry=CyclicShifts(), num_sizes=4, repeats=2)
+    assert law.group_size == 8

@@ -237,7 +237,8 @@ def _block_candidates(
     """Candidates of one ``[rows, width]`` block of expanded distances.
 
     ``running`` ``[rows, k]`` holds upper bounds of the k smallest entries seen so far (minima of
-    distinct tiles of ``_TILE`` columns, so the k-th is >= the true k-th smallest entry). An entry
+    distinct tiles of ``_TILE`` columns, so the k-th is >= the true k-th smallest entry; the exact
+    entries when k is large relative to the number of tiles). An entry
     is a candidate when it is within ``slack`` of the k-th bound. Only tiles whose minimum passes
     are inspected, so the block is read once (the tile minima) plus a few tiles per row.
 
@@ -251,11 +252,16 @@ def _block_candidates(
     if width > n_full * _TILE:
         parts.append(approx[:, n_full * _TILE :].amin(dim=1, keepdim=True))
     tile_min = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    if running.shape[1] == 1:
+    k = running.shape[1]
+    if k == 1:
         running = torch.minimum(running, tile_min.amin(dim=1, keepdim=True))
+    elif 4 * k <= tile_min.shape[1]:
+        # Few neighbours relative to the tiles: the k-th smallest tile minimum is a tight bound.
+        running = torch.cat([running, tile_min], dim=1).topk(k, dim=1, largest=False).values
     else:
-        merged = torch.cat([running, tile_min], dim=1)
-        running = merged.topk(running.shape[1], dim=1, largest=False).values
+        # Many neighbours: tile minima would give a loose bound; take the block's exact top-k.
+        block_best = approx.topk(min(k, width), dim=1, largest=False).values
+        running = torch.cat([running, block_best], dim=1).topk(k, dim=1, largest=False).values
     # Finite, so that masked entries (+inf: a point's own index) are never candidates.
     threshold = (running.amax(dim=1) + slack).clamp_max(torch.finfo(approx.dtype).max)
     hit_r, hit_t = (tile_min <= threshold[:, None]).nonzero(as_tuple=True)
