@@ -87,7 +87,8 @@ def knn(
         symmetry: a :class:`gapcallback.symmetry.Symmetry`; the distance becomes the orbit
             distance :math:`\min_{g \in G} \lVert x - g\,y \rVert^2`.
         block_size: ``(query_block, point_block)`` rows per block; peak extra memory is about
-            ``12 * query_block * point_block`` bytes. Default ``(512, 2048)``.
+            ``12 * query_block * point_block`` bytes. Default ``(512, 2048)``
+            (``(1024, 2048)`` for ``D >= 256``).
 
     Returns:
         :class:`KNNResult` ``(sq_dists [N, k], indices [N, k])``.
@@ -125,7 +126,7 @@ def knn(
             f"k={k} neighbours requested but only {available}{extra} points are available; use "
             f"k <= {available} or pass more points."
         )
-    query_block, point_block = _block_sizes(block_size)
+    query_block, point_block = _block_sizes(block_size, queries[0].numel())
     if symmetry is not None:
         from gapcallback.symmetry.base import Symmetry
 
@@ -145,9 +146,11 @@ def knn(
     )
 
 
-def _block_sizes(block_size: tuple[int, int] | None) -> tuple[int, int]:
+def _block_sizes(block_size: tuple[int, int] | None, dim: int) -> tuple[int, int]:
     if block_size is None:
-        return _DEFAULT_QUERY_BLOCK, _DEFAULT_POINT_BLOCK
+        # Wide points: taller query blocks keep the GEMM efficient (measured on 2-core AVX2).
+        query_block = 2 * _DEFAULT_QUERY_BLOCK if dim >= 256 else _DEFAULT_QUERY_BLOCK
+        return query_block, _DEFAULT_POINT_BLOCK
     if (
         not isinstance(block_size, (tuple, list))
         or len(block_size) != 2
