@@ -52,7 +52,12 @@ def cdist_knn(q: torch.Tensor, x: torch.Tensor) -> np.ndarray:
     return (torch.cdist(q, x).min(dim=1).values ** 2).numpy()
 
 
-METHODS = {"gapcallback knn": ours_knn, "gapcallback gap": ours_gap, "faiss": faiss_knn, "cdist": cdist_knn}
+METHODS = {
+    "gapcallback knn": ours_knn,
+    "gapcallback gap": ours_gap,
+    "faiss": faiss_knn,
+    "cdist": cdist_knn,
+}
 
 
 def time_shape(n: int, dim: int, repeats: int) -> dict[str, float]:
@@ -60,7 +65,7 @@ def time_shape(n: int, dim: int, repeats: int) -> dict[str, float]:
     q = torch.randn(n, dim, generator=g)
     x = torch.randn(n, dim, generator=g)
     times: dict[str, list[float]] = {name: [] for name in METHODS}
-    for name, fn in METHODS.items():  # warm-up
+    for fn in METHODS.values():  # warm-up
         fn(q[:256], x[:1024])
     for _ in range(repeats):
         for name, fn in METHODS.items():
@@ -158,7 +163,9 @@ def main() -> None:
     name = "knn_quick.json" if args.quick else "knn.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2))
     print(f"machine: {result['machine']}\n")
-    print("| shape | gapcallback knn (s) | gapcallback gap (s) | faiss IndexFlatL2 (s) | torch.cdist (s) | ours / faiss |")
+    print(
+        "| shape | gapcallback knn (s) | gapcallback gap (s) | faiss IndexFlatL2 (s) | torch.cdist (s) | ours / faiss |"
+    )
     print("|---|---|---|---|---|---|")
     for shape, t in result["timing_s"].items():
         print(
@@ -167,11 +174,17 @@ def main() -> None:
         )
     print("\n| peak extra memory | gapcallback | faiss | cdist |\n|---|---|---|---|")
     for shape, m in result["peak_extra_mb"].items():
-        print(f"| {shape} | {m['gapcallback']:.0f} MB | {m['faiss']:.0f} MB | {m['cdist']:.0f} MB |")
-    print("\n| offset near-duplicates | median rel. err of d^2 | max rel. err | exact duplicates -> 0 |")
+        print(
+            f"| {shape} | {m['gapcallback']:.0f} MB | {m['faiss']:.0f} MB | {m['cdist']:.0f} MB |"
+        )
+    print(
+        "\n| offset near-duplicates | median rel. err of d^2 | max rel. err | exact duplicates -> 0 |"
+    )
     print("|---|---|---|---|")
     for name, a in result["accuracy"].items():
-        print(f"| {name} | {a['median_rel_err']:.2e} | {a['max_rel_err']:.2e} | {100 * a['exact_duplicates_zero']:.0f}% |")
+        print(
+            f"| {name} | {a['median_rel_err']:.2e} | {a['max_rel_err']:.2e} | {100 * a['exact_duplicates_zero']:.0f}% |"
+        )
 
 
 if __name__ == "__main__":

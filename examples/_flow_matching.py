@@ -29,8 +29,14 @@ class VelocityMLP(nn.Module):
 class FlowMatching(L.LightningModule):
     """Flow-matching model with a ``sample(n, generator=None)`` method for :class:`GapCallback`."""
 
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, lr: float = 2e-3,
-                 sampling_steps: int = 50) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 256,
+        depth: int = 3,
+        lr: float = 2e-3,
+        sampling_steps: int = 50,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.velocity = VelocityMLP(dim, hidden, depth)

@@ -45,35 +45,57 @@ def main() -> None:
         parser.error(f"--n-train must be in [10, {len(data) - 10})")
     train, reference = data[perm[: args.n_train]], data[perm[args.n_train :]]
 
-    callback = gc.GapCallback(reference, train=train, num_samples=args.num_samples,
-                              every_n_epochs=args.every, seed=args.seed)
+    callback = gc.GapCallback(
+        reference,
+        train=train,
+        num_samples=args.num_samples,
+        every_n_epochs=args.every,
+        seed=args.seed,
+    )
     loggers = [CSVLogger(args.out, name="csv"), TensorBoardLogger(args.out, name="tensorboard")]
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=loggers,
-                        callbacks=[callback], enable_checkpointing=False,
-                        enable_model_summary=False, log_every_n_steps=5)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=loggers,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=5,
+    )
     model = FlowMatching(64, hidden=512, depth=3, lr=1e-3)
     start = time.perf_counter()
     trainer.fit(model, DataLoader(TensorDataset(train), batch_size=128, shuffle=True))
     elapsed = time.perf_counter() - start
 
     law = callback.law
-    print(f"\n=== gapcallback summary: digits, n_train={len(train)}, references={len(reference)}, "
-          f"{args.epochs} epochs in {elapsed:.0f} s ===")
+    print(
+        f"\n=== gapcallback summary: digits, n_train={len(train)}, references={len(reference)}, "
+        f"{args.epochs} epochs in {elapsed:.0f} s ==="
+    )
     print(f"law: {law}")
-    print(f"id/data = {callback.data_dimension:.2f}; law dimension = {law.dimension:.2f} ± "
-          f"{law.dimension_std:.2f}")
+    print(
+        f"id/data = {callback.data_dimension:.2f}; law dimension = {law.dimension:.2f} ± "
+        f"{law.dimension_std:.2f}"
+    )
     for n in (len(train) // 4, len(train) // 2, len(train), 2 * len(train)):
         low, high = law.predict_interval(n)
-        print(f"  predicted gap with n={n:>5}: {law.predict(n):.4g}  (90% band {low:.4g} - {high:.4g})")
+        print(
+            f"  predicted gap with n={n:>5}: {law.predict(n):.4g}  (90% band {low:.4g} - {high:.4g})"
+        )
     print(f"memorization line: {callback.memorization_gap:.4g}")
-    print(f"\n{'epoch':>5} {'observed':>10} {'predicted':>10} {'ratio':>7} {'memorized':>9} {'id/samples':>10}")
+    print(
+        f"\n{'epoch':>5} {'observed':>10} {'predicted':>10} {'ratio':>7} {'memorized':>9} {'id/samples':>10}"
+    )
     for h in callback.history:
         if h["skipped"]:
             print(f"{h['epoch']:>5}  skipped: {h['reason']}")
             continue
-        print(f"{h['epoch']:>5} {h['gap/observed']:>10.4g} {h['gap/predicted']:>10.4g} "
-              f"{h['gap/ratio']:>7.2f} {h['gap/memorized_fraction']:>9.1%} "
-              f"{h.get('id/samples', math.nan):>10.2f}")
+        print(
+            f"{h['epoch']:>5} {h['gap/observed']:>10.4g} {h['gap/predicted']:>10.4g} "
+            f"{h['gap/ratio']:>7.2f} {h['gap/memorized_fraction']:>9.1%} "
+            f"{h.get('id/samples', math.nan):>10.2f}"
+        )
     print(f"figure: {Path(trainer.log_dir or args.out) / 'gap_callback.png'}")
 
 

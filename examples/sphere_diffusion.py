@@ -29,7 +29,9 @@ def sphere(n: int, dim: int, ambient: int, generator: torch.Generator) -> torch.
     """``n`` uniform points on the unit ``dim``-sphere, randomly rotated into R^ambient."""
     x = torch.randn(n, dim + 1, generator=generator)
     x = x / x.norm(dim=1, keepdim=True)
-    rotation, _ = torch.linalg.qr(torch.randn(ambient, ambient, generator=torch.Generator().manual_seed(1234)))
+    rotation, _ = torch.linalg.qr(
+        torch.randn(ambient, ambient, generator=torch.Generator().manual_seed(1234))
+    )
     return torch.cat([x, torch.zeros(n, ambient - dim - 1)], dim=1) @ rotation.T
 
 
@@ -53,12 +55,22 @@ def main() -> None:
     train = sphere(args.n_train, args.dim, args.ambient, g)
     reference = sphere(args.n_reference, args.dim, args.ambient, g)
 
-    callback = gc.GapCallback(reference, train=train, num_samples=args.num_samples,
-                              every_n_epochs=args.every, seed=args.seed)
+    callback = gc.GapCallback(
+        reference,
+        train=train,
+        num_samples=args.num_samples,
+        every_n_epochs=args.every,
+        seed=args.seed,
+    )
     loggers = [CSVLogger(args.out, name="csv"), TensorBoardLogger(args.out, name="tensorboard")]
     trainer = L.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=loggers,
-        callbacks=[callback], enable_checkpointing=False, enable_model_summary=False,
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=loggers,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_model_summary=False,
         log_every_n_steps=5,
     )
     model = FlowMatching(args.ambient)
@@ -68,29 +80,42 @@ def main() -> None:
     elapsed = time.perf_counter() - start
 
     law = callback.law
-    print(f"\n=== gapcallback summary: {args.dim}-sphere in R^{args.ambient}, n={args.n_train}, "
-          f"{args.epochs} epochs in {elapsed:.0f} s ===")
+    print(
+        f"\n=== gapcallback summary: {args.dim}-sphere in R^{args.ambient}, n={args.n_train}, "
+        f"{args.epochs} epochs in {elapsed:.0f} s ==="
+    )
     print(f"law: {law}")
-    print(f"id/data = {callback.data_dimension:.2f} (true d = {args.dim}),  "
-          f"law dimension = {law.dimension:.2f} ± {law.dimension_std:.2f}")
-    print(f"memorization line (references -> training set): {callback.memorization_gap:.4g};  "
-          f"law at n={args.n_train}: {law.predict(args.n_train):.4g}")
-    print(f"\n{'epoch':>5} {'observed':>10} {'predicted':>10} {'ratio':>7} {'memorized':>9} "
-          f"{'id/samples':>10} {'effective n':>11}")
+    print(
+        f"id/data = {callback.data_dimension:.2f} (true d = {args.dim}),  "
+        f"law dimension = {law.dimension:.2f} ± {law.dimension_std:.2f}"
+    )
+    print(
+        f"memorization line (references -> training set): {callback.memorization_gap:.4g};  "
+        f"law at n={args.n_train}: {law.predict(args.n_train):.4g}"
+    )
+    print(
+        f"\n{'epoch':>5} {'observed':>10} {'predicted':>10} {'ratio':>7} {'memorized':>9} "
+        f"{'id/samples':>10} {'effective n':>11}"
+    )
     for h in callback.history:
         if h["skipped"]:
             print(f"{h['epoch']:>5}  skipped: {h['reason']}")
             continue
         eff = h.get("gap/effective_n", math.nan)
-        print(f"{h['epoch']:>5} {h['gap/observed']:>10.4g} {h['gap/predicted']:>10.4g} "
-              f"{h['gap/ratio']:>7.2f} {h['gap/memorized_fraction']:>9.1%} "
-              f"{h.get('id/samples', math.nan):>10.2f} {eff:>11.0f}")
+        print(
+            f"{h['epoch']:>5} {h['gap/observed']:>10.4g} {h['gap/predicted']:>10.4g} "
+            f"{h['gap/ratio']:>7.2f} {h['gap/memorized_fraction']:>9.1%} "
+            f"{h.get('id/samples', math.nan):>10.2f} {eff:>11.0f}"
+        )
     last = callback.latest
     if last is not None:
-        verdict = ("at the memorization line (the model reproduces its training set)"
-                   if last["gap/memorized_fraction"] > 0.5 else
-                   "below the memorization line: it generalizes beyond its training set"
-                   if last["gap/ratio"] < 1 else "still above the law's optimum")
+        verdict = (
+            "at the memorization line (the model reproduces its training set)"
+            if last["gap/memorized_fraction"] > 0.5
+            else "below the memorization line: it generalizes beyond its training set"
+            if last["gap/ratio"] < 1
+            else "still above the law's optimum"
+        )
         print(f"\nfinal: observed/predicted = {last['gap/ratio']:.2f}, {verdict}.")
     figure = Path(trainer.log_dir or args.out) / "gap_callback.png"
     print(f"figure: {figure}\nlogs: {args.out}/csv (CSV), {args.out}/tensorboard (TensorBoard)")

@@ -92,7 +92,9 @@ class RepresentationGap(Metric):
                 "samples with `.to(metric.device)`."
             )
         nearest = knn(self.reference, samples, 1, symmetry=self.symmetry).sq_dists[:, 0]
-        self.nearest_sq_dists = torch.minimum(self.nearest_sq_dists, nearest.to(self.nearest_sq_dists.dtype))
+        self.nearest_sq_dists = torch.minimum(
+            self.nearest_sq_dists, nearest.to(self.nearest_sq_dists.dtype)
+        )
 
     def compute(self) -> Tensor:
         """The gap over all samples seen (0-dim tensor); raises if no sample was seen."""
@@ -103,9 +105,7 @@ class RepresentationGap(Metric):
             )
         return gap_from_sq_dists(self.nearest_sq_dists, self.p)
 
-    def plot(
-        self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None
-    ) -> tuple[Any, Any]:
+    def plot(self, val: Tensor | Sequence[Tensor] | None = None, ax: Any = None) -> tuple[Any, Any]:
         """Plot a single value or a sequence of values (e.g. one per epoch); needs matplotlib.
 
         Args:
