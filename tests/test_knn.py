@@ -211,3 +211,23 @@ def test_cuda_matches_cpu():
     gpu = knn(q.cuda(), x.cuda(), 3)
     torch.testing.assert_close(gpu.sq_dists.cpu(), cpu.sq_dists, rtol=1e-6, atol=0)
     assert torch.equal(gpu.indices.cpu(), cpu.indices)
+
+
+def test_float64_beyond_float32_range_falls_back_to_float64_screening():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(30, 5, generator=g, dtype=torch.float64) * 1e30
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64) * 1e30
+    sq, idx = knn(q, x, 3)
+    ref_sq, ref_idx = brute_force(q, x, 3)
+    torch.testing.assert_close(sq, ref_sq, rtol=1e-12, atol=0)
+    assert torch.equal(idx, ref_idx)
+
+
+def test_float64_near_duplicates_exact_after_float32_screening():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(500, 16, generator=g, dtype=torch.float64) + 1e3
+    samples = base + 1e-9 * torch.randn(base.shape, generator=g, dtype=torch.float64)
+    sq, idx = knn(samples, base, 1)
+    truth = ((samples - base) ** 2).sum(1)
+    assert torch.equal(idx[:, 0], torch.arange(500))
+    torch.testing.assert_close(sq[:, 0], truth, rtol=1e-12, atol=0)

@@ -13,8 +13,9 @@ happens (near-duplicates far from the origin), and it never gives exact zeros. H
 2. for each block of queries and block of points, :math:`a_{ij} = \lVert y_j\rVert^2 - 2\langle x_i,
    y_j\rangle` is formed by one GEMM (the per-row constant :math:`\lVert x_i\rVert^2` is omitted);
 3. every entry within :math:`2\tau_i` of the running k-th smallest :math:`a_{i\cdot}` is a candidate,
-   where :math:`\tau_i = (2D + 8)\,\varepsilon\,(\lVert x_i\rVert^2 + \max_j \lVert y_j\rVert^2)` bounds
-   the rounding error of the expansion (a standard forward bound for a length-D dot product);
+   where :math:`\tau_i = (2D + 16)\,\varepsilon\,(\lVert x_i\rVert^2 + \max_j \lVert y_j\rVert^2)`
+   bounds the rounding error of the expansion (a standard forward bound for a length-D dot product,
+   plus the rounding of the centred inputs; float64 inputs are screened in float32);
 4. the candidates' distances are recomputed by direct difference in float64 (float32 where the device
    has no float64) and the k smallest kept, ties broken by the lower index.
 
@@ -186,8 +187,19 @@ def _knn_exact(
         centre = (x.sum(dim=0, dtype=exact_dtype) / m).to(dtype)
         q_centred = q - centre
         x_centred = x - centre
-        q_norms = q_centred.square().sum(dim=1)
-        x_norms = x_centred.square().sum(dim=1)
+        # float64 inputs are screened in float32 (twice the GEMM speed) when that is finite; the
+        # rounding of the inputs to float32 is inside the slack below, and the re-check is float64.
+        screen = torch.float32 if dtype == torch.float64 else dtype
+        if screen != dtype:
+            q32, x32 = q_centred.to(screen), x_centred.to(screen)
+            q_norms, x_norms = q32.square().sum(dim=1), x32.square().sum(dim=1)
+            if bool(torch.isfinite(q_norms).all() & torch.isfinite(x_norms).all()):
+                q_centred, x_centred = q32, x32
+            else:
+                screen = dtype
+        if screen == dtype:
+            q_norms = q_centred.square().sum(dim=1)
+            x_norms = x_centred.square().sum(dim=1)
         # NaN/Inf in an input shows up in the norms: one cheap test instead of a full pass.
         if not bool(torch.isfinite(q_norms).all() & torch.isfinite(x_norms).all()):
             check_finite(queries, "queries")
@@ -196,9 +208,10 @@ def _knn_exact(
                 f"`queries`/`points` hold values too large for {dtype} (squared norms overflow);"
                 " rescale the data or pass float64 tensors."
             )
-        eps = torch.finfo(dtype).eps
-        # Twice the forward error bound of the expansion, per query row.
-        slack = 2.0 * (2 * dim + 8) * eps * (q_norms + x_norms.max())
+        eps = torch.finfo(screen).eps
+        # Twice the forward error bound of the expansion (including the rounding of the centred
+        # inputs to the screening dtype), per query row.
+        slack = 2.0 * (2 * dim + 16) * eps * (q_norms + x_norms.max())
 
         out_d = torch.empty(n, k, dtype=dtype, device=points.device)
         out_i = torch.empty(n, k, dtype=torch.long, device=points.device)
@@ -207,7 +220,7 @@ def _knn_exact(
             rows = qe - qs
             best_d = torch.full((rows, k), float("inf"), dtype=exact_dtype, device=points.device)
             best_i = torch.full((rows, k), -1, dtype=torch.long, device=points.device)
-            running = torch.full((rows, k), float("inf"), dtype=dtype, device=points.device)
+            running = torch.full((rows, k), float("inf"), dtype=screen, device=points.device)
             pending: list[tuple[Tensor, Tensor]] = []
             n_pending = 0
             for ps in range(0, m, point_block):
