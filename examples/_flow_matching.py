@@ -8,9 +8,25 @@ small set, which is what the gap callback is there to show.
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import Tensor, nn
+
+
+def local_loggers(out: str) -> list[Logger]:
+    """CSV and TensorBoard loggers writing under ``out`` (CSV only if tensorboard is missing)."""
+    loggers: list[Logger] = [CSVLogger(out, name="csv")]
+    try:
+        loggers.append(TensorBoardLogger(out, name="tensorboard"))
+    except ModuleNotFoundError:
+        warnings.warn(
+            "tensorboard is not installed: logging to CSV only (pip install -e '.[examples]').",
+            stacklevel=2,
+        )
+    return loggers
 
 
 class VelocityMLP(nn.Module):

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from _flow_matching import FlowMatching
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from _flow_matching import FlowMatching, local_loggers
 from torch.utils.data import DataLoader, TensorDataset
 
 import gapcallback as gc
@@ -52,7 +51,7 @@ def main() -> None:
         every_n_epochs=args.every,
         seed=args.seed,
     )
-    loggers = [CSVLogger(args.out, name="csv"), TensorBoardLogger(args.out, name="tensorboard")]
+    loggers = local_loggers(args.out)
     trainer = L.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",

@@ -184,7 +184,9 @@ def intrinsic_dimension_estimate(
     if isinstance(dup_tol, bool) or not isinstance(dup_tol, (int, float)) or not dup_tol >= 0:
         raise ValueError(f"`dup_tol` must be a number >= 0, got {dup_tol!r}.")
     out_dtype = compute_dtype(x)
-    points = deduplicate(x.reshape(x.shape[0], -1), float(dup_tol))
+    # The duplicate probe doubles as the estimator's own search when there are no duplicates.
+    probe_k = 2 if method == "twonn" else _int_or(options.get("k", 10), 1) if method == "mle" else 1
+    points, probe = _deduplicate(x.reshape(x.shape[0], -1), float(dup_tol), probe_k)
     n = points.shape[0]
     if n < 3:
         kind = "constant data (all points identical" if n == 1 else "only 2 distinct points ("
@@ -196,11 +198,11 @@ def intrinsic_dimension_estimate(
         fit = options.pop("fit", "mle")
         discard = options.pop("discard", 0.1)
         _no_extra(options, method)
-        d, s, det = _twonn(points, fit, discard)
+        d, s, det = _twonn(points, fit, discard, probe)
     elif method == "mle":
         k = options.pop("k", 10)
         _no_extra(options, method)
-        d, s, det = _mle(points, k)
+        d, s, det = _mle(points, k, probe)
     elif method == "calibrated":
         k = options.pop("k", 5)
         seed = options.pop("seed", 0)
@@ -379,16 +381,24 @@ def deduplicate(x: Tensor, dup_tol: float = DEFAULT_DUP_TOL) -> Tensor:
     Returns:
         ``[N', D]`` the kept points, in their original order.
     """
+    return _deduplicate(x, dup_tol)[0]
+
+
+def _deduplicate(x: Tensor, dup_tol: float, probe_k: int = 1) -> tuple[Tensor, Tensor | None]:
+    """:func:`deduplicate`, also returning the probe's ``[N, probe_k]`` squared neighbour distances
+    when no duplicate was found (so an estimator needing ``probe_k`` neighbours reuses the search).
+    """
     n = x.shape[0]
     if n < 2:
-        return x
+        return x, None
     xd = x.to(compute_dtype(x))
     radius = float((xd - xd.mean(0)).square().sum(1).mean().sqrt())
     tol_sq = (dup_tol * radius) ** 2
-    # Cheap probe first: the nearest other point (k=1, the engine's fastest path) tells whether
-    # there is any duplicate at all; only then search deeper to find whole groups.
-    if not bool((knn(xd, xd, 1, exclude_self=True).sq_dists[:, 0] <= tol_sq).any()):
-        return x
+    # Probe first (k=1 is the engine's fastest path, or the k the estimator needs anyway): the
+    # nearest other point tells whether there is any duplicate; only then search for whole groups.
+    probe = knn(xd, xd, max(1, min(probe_k, n - 1)), exclude_self=True).sq_dists
+    if not bool((probe[:, 0] <= tol_sq).any()):
+        return x, probe if probe.shape[1] == probe_k else None
     k = min(8, n - 1)
     while True:
         res = knn(xd, xd, k, exclude_self=True)
@@ -398,7 +408,7 @@ def deduplicate(x: Tensor, dup_tol: float = DEFAULT_DUP_TOL) -> Tensor:
         k = min(4 * k, n - 1)
     rows = torch.arange(n, device=x.device)[:, None]
     drop = (within & (res.indices < rows)).any(dim=1)
-    return x[~drop] if bool(drop.any()) else x
+    return (x[~drop] if bool(drop.any()) else x), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,18 +416,22 @@ def deduplicate(x: Tensor, dup_tol: float = DEFAULT_DUP_TOL) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _log_neighbour_dists(points: Tensor, k: int) -> Tensor:
-    """``[N, k]`` float64 log-distances to the k nearest other points (CPU)."""
-    sq = knn(points, points, k, exclude_self=True).sq_dists
+def _log_neighbour_dists(points: Tensor, k: int, sq: Tensor | None = None) -> Tensor:
+    """``[N, k]`` float64 log-distances to the k nearest other points (CPU); ``sq``: precomputed
+    ``[N, k]`` squared distances of that search."""
+    if sq is None or sq.shape != (points.shape[0], k):
+        sq = knn(points, points, k, exclude_self=True).sq_dists
     return 0.5 * sq.to(device="cpu", dtype=torch.float64).log()
 
 
-def _twonn(points: Tensor, fit: str, discard: float) -> tuple[float, float, dict[str, Any]]:
+def _twonn(
+    points: Tensor, fit: str, discard: float, sq: Tensor | None = None
+) -> tuple[float, float, dict[str, Any]]:
     if fit not in ("mle", "linear"):
         raise ValueError(f"`fit` must be 'mle' or 'linear', got {fit!r}.")
     if isinstance(discard, bool) or not isinstance(discard, (int, float)) or not 0 <= discard < 1:
         raise ValueError(f"`discard` must be a fraction in [0, 1), got {discard!r}.")
-    log_r = _log_neighbour_dists(points, 2)
+    log_r = _log_neighbour_dists(points, 2, sq)
     log_mu = log_r[:, 1] - log_r[:, 0]
     n = log_mu.numel()
     details: dict[str, Any] = {"fit": fit, "scale": float(log_r[:, 0].exp().median())}
@@ -446,7 +460,9 @@ def _twonn(points: Tensor, fit: str, discard: float) -> tuple[float, float, dict
     return d, std, details
 
 
-def _mle(points: Tensor, k: object) -> tuple[float, float, dict[str, Any]]:
+def _mle(
+    points: Tensor, k: object, sq: Tensor | None = None
+) -> tuple[float, float, dict[str, Any]]:
     k = check_positive_int(k, "k", minimum=2)
     n = points.shape[0]
     if k > n - 1:
@@ -454,7 +470,7 @@ def _mle(points: Tensor, k: object) -> tuple[float, float, dict[str, Any]]:
             f"k={k} neighbours need at least k + 1 = {k + 1} distinct points, got {n}; lower `k` or"
             " pass more points."
         )
-    log_r = _log_neighbour_dists(points, k)
+    log_r = _log_neighbour_dists(points, k, sq)
     s = (log_r[:, k - 1 : k] - log_r[:, : k - 1]).sum(dim=1)  # sum_{j<k} log(T_k / T_j)
     mean = float(s.mean())
     if mean <= 0:
@@ -575,6 +591,12 @@ def _invert(dims: list[float], curve: list[float], value: float) -> float:
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def _int_or(value: object, default: int) -> int:
+    """``value`` if it is a plain int >= 1, else ``default`` (validation happens later)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return value if ok else default  # type: ignore[return-value]
 
 
 def _no_extra(options: dict[str, Any], method: str) -> None:
