@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["KNNResult", "knn"]
 
-_DEFAULT_QUERY_BLOCK = 512
+_DEFAULT_QUERY_BLOCK = 1024
 _DEFAULT_POINT_BLOCK = 2048
 _TILE = 64  # columns per tile whose minimum screens for candidates
 _PENDING_PER_ROW = 64  # candidates buffered per query row before an exact re-check
@@ -88,8 +88,7 @@ def knn(
         symmetry: a :class:`gapcallback.symmetry.Symmetry`; the distance becomes the orbit
             distance :math:`\min_{g \in G} \lVert x - g\,y \rVert^2`.
         block_size: ``(query_block, point_block)`` rows per block; peak extra memory is about
-            ``12 * query_block * point_block`` bytes. Default ``(512, 2048)``
-            (``(1024, 2048)`` for ``D >= 256``).
+            ``12 * query_block * point_block`` bytes. Default ``(1024, 2048)`` (about 25 MB).
 
     Returns:
         :class:`KNNResult` ``(sq_dists [N, k], indices [N, k])``.
@@ -127,7 +126,7 @@ def knn(
             f"k={k} neighbours requested but only {available}{extra} points are available; use "
             f"k <= {available} or pass more points."
         )
-    query_block, point_block = _block_sizes(block_size, queries[0].numel())
+    query_block, point_block = _block_sizes(block_size)
     if symmetry is not None:
         from gapcallback.symmetry.base import Symmetry
 
@@ -147,11 +146,9 @@ def knn(
     )
 
 
-def _block_sizes(block_size: tuple[int, int] | None, dim: int) -> tuple[int, int]:
+def _block_sizes(block_size: tuple[int, int] | None) -> tuple[int, int]:
     if block_size is None:
-        # Wide points: taller query blocks keep the GEMM efficient (measured on 2-core AVX2).
-        query_block = 2 * _DEFAULT_QUERY_BLOCK if dim >= 256 else _DEFAULT_QUERY_BLOCK
-        return query_block, _DEFAULT_POINT_BLOCK
+        return _DEFAULT_QUERY_BLOCK, _DEFAULT_POINT_BLOCK
     if (
         not isinstance(block_size, (tuple, list))
         or len(block_size) != 2
