@@ -210,6 +210,7 @@ class GapCallback(Callback):
         self._data_ready = False
         self._reference: Tensor | None = None
         self._train: Tensor | None = None
+        self._train_device: Tensor | None = None
         self._gap_metric: RepresentationGap | None = None
         self._last_step_evaluated = -1
         self._figure_warned = False
@@ -422,7 +423,7 @@ class GapCallback(Callback):
             id_metric = IntrinsicDimension(
                 method=self.dimension_method, max_points=self.dimension_points, seed=self.seed
             ).to(device)
-        train = None if self._train is None else self._train.to(device)
+        train = self._train_on(device)
         memorized = 0
         eval_seed = derive_seed(self.seed, index, rank)
         generator = torch.Generator(device=device).manual_seed(eval_seed)
@@ -432,7 +433,7 @@ class GapCallback(Callback):
                 gap_metric.update(samples)
                 if id_metric is not None:
                     id_metric.update(samples)
-                if train is not None and train.shape[0] >= 2:
+                if train is not None:
                     result = memorization(
                         samples, train, ratio=self.memorization_ratio, symmetry=self.symmetry
                     )
@@ -442,6 +443,14 @@ class GapCallback(Callback):
             "memorized": memorized,
             "drawn": n_local,
         }
+
+    def _train_on(self, device: torch.device) -> Tensor | None:
+        """The training points on ``device`` (copied once per device), ``None`` below 2 points."""
+        if self._train is None or self._train.shape[0] < 2:
+            return None
+        if self._train_device is None or self._train_device.device != device:
+            self._train_device = self._train.to(device)
+        return self._train_device
 
     def _draw(self, pl_module: pl.LightningModule, n: int, generator: torch.Generator) -> Tensor:
         fn: Callable[..., Any]
@@ -485,7 +494,7 @@ class GapCallback(Callback):
         assert self._gap_metric is not None
         observed = float(self._gap_metric.compute())
         values: dict[str, float] = {self.key("gap/observed"): observed}
-        if self._train is not None:
+        if self._train is not None and self._train.shape[0] >= 2:
             counts = torch.tensor(
                 [float(local["memorized"]), float(local["drawn"])],
                 dtype=torch.float64,
@@ -493,7 +502,8 @@ class GapCallback(Callback):
             )
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
             values[self.key("gap/memorized_fraction")] = float(counts[0] / counts[1])
-            values[self.key("gap/memorization")] = float(self.memorization_gap)  # type: ignore[arg-type]
+        if self.memorization_gap is not None:
+            values[self.key("gap/memorization")] = self.memorization_gap
         denominator = None
         if self.law is not None:
             n = self.n_train or self.law.n_train
