@@ -29,6 +29,20 @@ def local_loggers(out: str) -> list[Logger]:
     return loggers
 
 
+def cpu_trainer(out: str, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
+    """A CPU ``Trainer`` logging to CSV and TensorBoard under ``out`` (no checkpoints)."""
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=local_loggers(out),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=5,
+    )
+
+
 class VelocityMLP(nn.Module):
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3) -> None:
         super().__init__()

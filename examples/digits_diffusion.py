@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from _flow_matching import FlowMatching, local_loggers
+from _flow_matching import FlowMatching, cpu_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 import gapcallback as gc
@@ -51,17 +51,7 @@ def main() -> None:
         every_n_epochs=args.every,
         seed=args.seed,
     )
-    loggers = local_loggers(args.out)
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=loggers,
-        callbacks=[callback],
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=5,
-    )
+    trainer = cpu_trainer(args.out, args.epochs, [callback])
     model = FlowMatching(64, hidden=512, depth=3, lr=1e-3)
     start = time.perf_counter()
     trainer.fit(model, DataLoader(TensorDataset(train), batch_size=128, shuffle=True))

@@ -460,16 +460,22 @@ def _twonn(
     return d, std, details
 
 
-def _mle(
-    points: Tensor, k: object, sq: Tensor | None = None
-) -> tuple[float, float, dict[str, Any]]:
+def _check_k(k: object, n: int) -> int:
+    """``k`` as an int in ``[2, n - 1]`` (the neighbours of ``n`` distinct points), or a clear error."""
     k = check_positive_int(k, "k", minimum=2)
-    n = points.shape[0]
     if k > n - 1:
         raise ValueError(
             f"k={k} neighbours need at least k + 1 = {k + 1} distinct points, got {n}; lower `k` or"
             " pass more points."
         )
+    return k
+
+
+def _mle(
+    points: Tensor, k: object, sq: Tensor | None = None
+) -> tuple[float, float, dict[str, Any]]:
+    k = _check_k(k, points.shape[0])
+    n = points.shape[0]
     log_r = _log_neighbour_dists(points, k, sq)
     s = (log_r[:, k - 1 : k] - log_r[:, : k - 1]).sum(dim=1)  # sum_{j<k} log(T_k / T_j)
     mean = float(s.mean())
@@ -482,14 +488,9 @@ def _mle(
 
 
 def _calibrated(points: Tensor, k: object, seed: object) -> tuple[float, float, dict[str, Any]]:
-    k = check_positive_int(k, "k", minimum=2)
+    k = _check_k(k, points.shape[0])
     seed = check_positive_int(seed, "seed", minimum=0)
     n = points.shape[0]
-    if k > n - 1:
-        raise ValueError(
-            f"k={k} neighbours need at least k + 1 = {k + 1} distinct points, got {n}; lower `k` or"
-            " pass more points."
-        )
     chunks = max(1, math.ceil(n / _CALIBRATION_MAX_POINTS))
     size = n // chunks
     if chunks == 1:
