@@ -618,12 +618,9 @@ class GapLaw:
         Returns:
             ``(figure, axes)``.
         """
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "GapLaw.plot needs matplotlib; install it with `pip install gapcallback[plot]`."
-            ) from err
+        from gapcallback.plotting import require_matplotlib
+
+        plt = require_matplotlib("GapLaw.plot")
         if ax is None:
             fig, ax = plt.subplots(figsize=(5, 4))
         else:

@@ -12,20 +12,16 @@ if TYPE_CHECKING:
 __all__ = ["gap_history_figure", "require_matplotlib"]
 
 
-def require_matplotlib() -> Any:
-    """Import ``matplotlib.pyplot`` (Agg-safe) or raise an ImportError that says how to get it."""
+def require_matplotlib(what: str = "Plotting") -> Any:
+    """Import ``matplotlib.pyplot`` or raise an ImportError saying how to install it.
+
+    ``what`` names the caller in the message (e.g. ``"GapLaw.plot"``).
+    """
     try:
-        import matplotlib
-
-        if matplotlib.get_backend().lower() not in {"agg", "pdf", "svg", "cairo"}:
-            import os
-
-            if not os.environ.get("DISPLAY") and os.name != "nt":
-                matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ImportError(
-            "Plotting needs matplotlib; install it with `pip install gapcallback[plot]`."
+            f"{what} needs matplotlib; install it with `pip install gapcallback[plot]`."
         ) from err
     return plt
 
@@ -49,7 +45,7 @@ def gap_history_figure(
     Returns:
         the matplotlib ``Figure``.
     """
-    plt = require_matplotlib()
+    plt = require_matplotlib("GapCallback.figure")
     fig, (ax_law, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
     done = [h for h in history if not h.get("skipped")]
     observed = [h[f"{prefix}gap/observed"] for h in done]

@@ -24,14 +24,7 @@ from gapcallback.functional.intrinsic_dimension import (
     multiscale_dimension,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The estimators are dominated by small GEMMs; one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flat(n: int, d: int, big_d: int, seed: int = 0) -> torch.Tensor:

@@ -14,13 +14,7 @@ import torch.multiprocessing as mp
 from gapcallback.functional.intrinsic_dimension import intrinsic_dimension
 from gapcallback.metrics.intrinsic_dimension import IntrinsicDimension
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int = 1200, d: int = 3, big_d: int = 6, seed: int = 0) -> torch.Tensor:

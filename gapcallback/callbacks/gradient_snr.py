@@ -50,6 +50,7 @@ from gapcallback.functional.gradient_snr import (
     osgr_weights,
     per_sample_gradients,
 )
+from gapcallback.plotting import require_matplotlib
 
 __all__ = ["GradientSNR"]
 
@@ -402,13 +403,7 @@ class GradientSNR(L.Callback):
         Returns:
             The ``matplotlib.figure.Figure``.
         """
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "GradientSNR.plot needs matplotlib: pip install 'gapcallback[plot]' "
-                "(or pip install matplotlib)."
-            ) from err
+        plt = require_matplotlib("GradientSNR.plot")
         if fig is None:
             fig = plt.figure(figsize=(10, 4))
         ax1, ax2 = fig.subplots(1, 2)
