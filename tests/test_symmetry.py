@@ -58,12 +58,17 @@ def assert_matches(result, oracle_d, oracle_i, atol=1e-9):
     k=st.integers(1, 3),
     exclude=st.booleans(),
     group=st.sampled_from(["flips", "rot90", "dihedral"]),
+    integer=st.booleans(),
     seed=st.integers(0, 1000),
 )
-def test_finite_group_matches_brute_force(n, m, k, exclude, group, seed):
+def test_finite_group_matches_brute_force(n, m, k, exclude, group, integer, seed):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, 2, 4, 4, generator=g, dtype=torch.float64)
-    q = x.clone() if exclude else torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64)
+    if integer:  # exact ties, symmetric images and transformed duplicates
+        x = torch.randint(0, 2, (m, 2, 4, 4), generator=g).double()
+        q = x.clone() if exclude else torch.randint(0, 2, (n, 2, 4, 4), generator=g).double()
+    else:
+        x = torch.randn(m, 2, 4, 4, generator=g, dtype=torch.float64)
+        q = x.clone() if exclude else torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64)
     k = min(k, m - 1 if exclude else m)
     sym = {
         "flips": FiniteGroup.flips((-2, -1)),
@@ -74,6 +79,47 @@ def test_finite_group_matches_brute_force(n, m, k, exclude, group, seed):
     images = list(sym.orbit(x).reshape(sym.order, m, 2, 4, 4))
     res = knn(q, x, k, symmetry=sym, exclude_self=exclude)
     assert_matches(res, *brute_orbit_knn(q, images, k, exclude))
+
+
+def test_finite_group_large_query_set_is_chunked_and_exact(monkeypatch):
+    import gapcallback.symmetry._search as search
+
+    monkeypatch.setattr(search, "STACK_BUDGET", 8 * 16 * 7)  # chunks of 7 queries
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 1, 4, 4, generator=g, dtype=torch.float64)
+    x[20:] = torch.rot90(x[:20], 1, (-2, -1))  # every point has a rotated duplicate
+    sym = FiniteGroup.dihedral()
+    res = knn(x, x, 3, symmetry=sym, exclude_self=True)
+    images = list(sym.orbit(x).reshape(8, 40, 1, 4, 4))
+    assert_matches(res, *brute_orbit_knn(x, images, 3, exclude_self=True))
+    assert bool((res.sq_dists[:, 0] == 0).all())
+
+
+def test_finite_group_that_is_not_a_group_uses_the_given_maps():
+    # {identity, rot90} is not closed (rot90 o rot90 = rot180 is missing): the distance is the
+    # minimum over the maps applied to the points, exactly as the set defines it.
+    sym = FiniteGroup([lambda x: torch.rot90(x, 1, (-2, -1))])
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(15, 1, 3, 3, generator=g, dtype=torch.float64)
+    q = torch.randn(9, 1, 3, 3, generator=g, dtype=torch.float64)
+    assert not sym.is_group(x)
+    assert FiniteGroup.dihedral().is_group(x) and FiniteGroup.flips((-2, -1)).is_group(x)
+    res = knn(q, x, 2, symmetry=sym)
+    assert_matches(res, *brute_orbit_knn(q, [x, torch.rot90(x, 1, (-2, -1))], 2))
+
+
+def test_finite_group_mixed_precision_and_float32_output():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(30, 1, 4, 4, generator=g, dtype=torch.float64)
+    q = torch.randn(12, 1, 4, 4, generator=g)
+    sym = FiniteGroup.rotations90()
+    res = knn(q, x, 2, symmetry=sym)
+    assert res.sq_dists.dtype == torch.float64
+    images = list(sym.orbit(x).reshape(4, 30, 1, 4, 4))
+    assert_matches(res, *brute_orbit_knn(q.double(), images, 2))
+    res32 = knn(q, x.float(), 2, symmetry=sym)
+    assert res32.sq_dists.dtype == torch.float32
+    assert bool((res32.indices == res.indices).all())
 
 
 def test_dihedral_has_eight_distinct_elements():
@@ -100,9 +146,12 @@ def test_finite_group_transformed_duplicates_are_exactly_zero_far_from_origin():
     k=st.integers(1, 3),
     exclude=st.booleans(),
     integer=st.booleans(),
+    method=st.sampled_from(["auto", "gemm", "fft"]),
     seed=st.integers(0, 1000),
 )
-def test_cyclic_shifts_match_torch_roll_brute_force(shape, two_d, n, m, k, exclude, integer, seed):
+def test_cyclic_shifts_match_torch_roll_brute_force(
+    shape, two_d, n, m, k, exclude, integer, method, seed
+):
     dims = (-2, -1) if two_d and len(shape) >= 2 else (-1,)
     g = torch.Generator().manual_seed(seed)
     if integer:  # many exact ties, periodic signals and duplicates
@@ -112,17 +161,18 @@ def test_cyclic_shifts_match_torch_roll_brute_force(shape, two_d, n, m, k, exclu
         x = torch.randn(m, *shape, generator=g, dtype=torch.float64)
         q = x.clone() if exclude else torch.randn(n, *shape, generator=g, dtype=torch.float64)
     k = min(k, m - 1 if exclude else m)
-    res = knn(q, x, k, symmetry=CyclicShifts(dims), exclude_self=exclude)
+    res = knn(q, x, k, symmetry=CyclicShifts(dims, method=method), exclude_self=exclude)
     assert_matches(res, *brute_orbit_knn(q, all_rolls(x, dims), k, exclude))
 
 
-def test_cyclic_shifts_shifted_duplicates_exactly_zero_in_float32_with_large_offset():
+@pytest.mark.parametrize("method", ["gemm", "fft"])
+def test_cyclic_shifts_shifted_duplicates_exactly_zero_in_float32_with_large_offset(method):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 3, 32, generator=g) * 1e-2 + 5e2
     shifts = torch.randint(0, 32, (40,), generator=g)
     q = torch.stack([x[i].roll(int(s), -1) for i, s in enumerate(shifts)])
     q[::2] += 1e-3 * torch.randn(20, 3, 32, generator=g)  # near-duplicates
-    sym = CyclicShifts()
+    sym = CyclicShifts(method=method)
     res = knn(q, x, 1, symmetry=sym)
     assert res.indices[:, 0].tolist() == list(range(40))
     assert bool((res.sq_dists[1::2, 0] == 0).all())
@@ -136,6 +186,24 @@ def test_cyclic_shifts_shifted_duplicates_exactly_zero_in_float32_with_large_off
     idx, best = sym.align(q[1::2], x)
     assert idx.tolist() == list(range(1, 40, 2))
     assert best[:, 0].tolist() == shifts[1::2].tolist()
+
+
+def test_cyclic_shifts_cost_model_and_methods_agree():
+    # Short signals and small images: stacked GEMM; long signals and large images: FFT.
+    assert CyclicShifts().choose_method(torch.zeros(1, 16)) == "gemm"
+    assert CyclicShifts().choose_method(torch.zeros(1, 256)) == "fft"
+    assert CyclicShifts((-2, -1)).choose_method(torch.zeros(1, 3, 8, 8)) == "gemm"
+    assert CyclicShifts((-2, -1)).choose_method(torch.zeros(1, 1, 32, 32)) == "fft"
+    assert CyclicShifts(method="fft").choose_method(torch.zeros(1, 16)) == "fft"
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(60, 2, 6, 5, generator=g)
+    q = torch.randn(25, 2, 6, 5, generator=g)
+    a = knn(q, x, 4, symmetry=CyclicShifts((-2, -1), method="gemm"))
+    b = knn(q, x, 4, symmetry=CyclicShifts((-2, -1), method="fft"))
+    assert bool((a.indices == b.indices).all())
+    torch.testing.assert_close(a.sq_dists, b.sq_dists, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="method"):
+        CyclicShifts(method="direct")
 
 
 def test_cyclic_shifts_order_and_orbit():
@@ -317,14 +385,15 @@ def test_all_symmetries_are_symmetry_subclasses():
         assert isinstance(sym.dimension, int)
 
 
+@pytest.mark.parametrize("method", ["gemm", "fft"])
 @pytest.mark.parametrize(("shape", "dims"), [((2, 24), (-1,)), ((1, 6, 8), (-2, -1))])
 @pytest.mark.parametrize("offset", [0.0, 300.0])
-def test_cyclic_shifts_float32_screening_stays_exact(shape, dims, offset):
+def test_cyclic_shifts_float32_screening_stays_exact(shape, dims, offset, method):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(80, *shape, generator=g) + offset
     q = torch.randn(30, *shape, generator=g) + offset
     q[:10] = x[:10].roll(3, dims[-1]) + 1e-3 * torch.randn(10, *shape, generator=g)
-    res = knn(q, x, 3, symmetry=CyclicShifts(dims))
+    res = knn(q, x, 3, symmetry=CyclicShifts(dims, method=method))
     oracle_d, oracle_i = brute_orbit_knn(q, all_rolls(x, dims), 3)
     assert res.sq_dists.dtype == torch.float32
     torch.testing.assert_close(res.sq_dists.double(), oracle_d, rtol=1e-6, atol=1e-9)

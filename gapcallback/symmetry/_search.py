@@ -1,6 +1,20 @@
-r"""Shared exact search for symmetries whose orbit distance is computed pair by pair.
+r"""Shared exact searches for the symmetries.
 
-The caller supplies two functions on index ranges / index lists:
+Finite groups (:func:`stacked_orbit_knn`)
+-----------------------------------------
+For a finite group :math:`G` of isometries, :math:`\min_g \lVert y - g z\rVert =
+\min_g \lVert g^{-1} y - z\rVert = \min_g \lVert g y - z\rVert`, so the orbit kNN is one plain
+exact search (:func:`gapcallback.functional.knn._knn_exact`: blocked GEMM screen, exact re-check by
+direct difference) of the stacked query orbit :math:`[\,g_1 Q; \dots; g_{|G|} Q\,]` against the
+untouched points, followed by a minimum over :math:`g` per point index. The GEMM work is exactly
+:math:`|G|` times the plain search's; the centring, norms and re-check of the points are shared by all
+group elements, and the queries are processed in chunks so the stacked orbit stays within a fixed
+memory budget (never :math:`N \times M \times |G|`).
+
+Pair-by-pair bounds (:func:`bounded_search`)
+--------------------------------------------
+For groups whose orbit distance is computed pair by pair, the caller supplies two functions on
+index ranges / index lists:
 
 * ``screen(qs, qe, ps, pe) -> (lower, upper)``: ``[qe - qs, pe - ps]`` float64 bounds with
   ``lower <= d_G(y_i, z_j)^2 <= upper`` (a cheap approximation plus/minus its rounding error, or a
@@ -21,8 +35,96 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from gapcallback.functional.knn import (
+    _DEFAULT_POINT_BLOCK,
+    _DEFAULT_QUERY_BLOCK,
+    KNNResult,
+    _knn_exact,
+)
+
+#: Elements of one stacked chunk of query images ``[|G| * B, D]`` (32 MiB in float32).
+STACK_BUDGET = 1 << 23
+
 Screen = Callable[[int, int, int, int], tuple[Tensor, Tensor]]
 Exact = Callable[[Tensor, Tensor], Tensor]
+
+
+@torch.no_grad()
+def stacked_orbit_knn(
+    queries: Tensor,
+    points: Tensor,
+    k: int,
+    exclude_self: bool,
+    images: Callable[[Tensor], Tensor],
+    order: int,
+) -> KNNResult:
+    r"""Exact orbit kNN of a finite *group* by one plain search of the stacked query orbit.
+
+    Args:
+        queries: ``[N, *shape]``.
+        points: ``[M, *shape]``.
+        k: neighbours per query (distinct points, not distinct group elements).
+        exclude_self: leave-one-out (``queries`` is ``points``): the orbit of point ``i`` is never a
+            neighbour of query ``i``.
+        images: maps a chunk ``[B, *shape]`` to its orbit ``[G', B, *shape]`` (``G' <= order``;
+            elements acting as the identity on the chunk may be left out). The elements must form a
+            group (closed under composition and inverses), so that transforming the queries
+            instead of the points gives the same orbit distance.
+        order: :math:`|G|`, to size the chunks.
+
+    Returns:
+        :class:`KNNResult` with squared orbit distances ``[N, k]`` (ascending, ties: lower index).
+
+    Exactness: if point :math:`j` is among the k nearest in orbit distance, attained at :math:`g^*`,
+    every point ranked before :math:`j` for the query :math:`g^* y` is also ranked before it in orbit
+    distance, so :math:`j` is among the k nearest of :math:`g^* y` (``k + 1`` with ``exclude_self``,
+    where the query's own index is dropped afterwards) with its exact distance.
+    """
+    n = queries.shape[0]
+    m = points.shape[0]
+    dim = points[0].numel()
+    x = points.reshape(m, dim)
+    k_search = min(m, k + 1) if exclude_self else k
+    chunk = max(1, min(n, STACK_BUDGET // max(1, order * dim)))
+    out_d: list[Tensor] = []
+    out_i: list[Tensor] = []
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        stacked = images(queries[s:e])  # [G', B, *shape]
+        n_img = stacked.shape[0]
+        res = _knn_exact(
+            stacked.reshape(n_img * (e - s), dim),
+            x,
+            k_search,
+            False,
+            _DEFAULT_QUERY_BLOCK,
+            _DEFAULT_POINT_BLOCK,
+        )
+        d = res.sq_dists.reshape(n_img, e - s, k_search).permute(1, 0, 2).reshape(e - s, -1)
+        i = res.indices.reshape(n_img, e - s, k_search).permute(1, 0, 2).reshape(e - s, -1)
+        if exclude_self:
+            own = torch.arange(s, e, device=i.device)[:, None]
+            d = d.masked_fill(i == own, float("inf"))
+        d, i = _distinct_topk(d, i, k)
+        out_d.append(d)
+        out_i.append(i)
+    return KNNResult(torch.cat(out_d), torch.cat(out_i))
+
+
+def _distinct_topk(d: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per row of ``[B, W]`` candidates: the k smallest distances over *distinct* indices.
+
+    An index seen several times keeps its smallest distance; ties are broken by the lower index.
+    """
+    order = torch.argsort(d, dim=1, stable=True)
+    d, i = d.gather(1, order), i.gather(1, order)
+    order = torch.argsort(i, dim=1, stable=True)  # by index, then by distance within an index
+    d, i = d.gather(1, order), i.gather(1, order)
+    repeat = torch.zeros_like(i, dtype=torch.bool)
+    repeat[:, 1:] = i[:, 1:] == i[:, :-1]
+    d = d.masked_fill(repeat, float("inf"))
+    order = torch.argsort(d, dim=1, stable=True)[:, :k]  # rows sorted by index: ties -> lower
+    return d.gather(1, order), i.gather(1, order)
 
 
 @torch.no_grad()

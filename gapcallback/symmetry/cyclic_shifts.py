@@ -12,27 +12,41 @@ and all :math:`\prod S` correlations :math:`c_s` of a pair come from one FFT,
 :math:`c = \mathcal F^{-1}\big(\sum_{\text{other}} \hat y \, \overline{\hat z}\big)`. The group is
 finite (``order`` :math:`= \prod S`, ``dimension`` 0).
 
-Numerics: the FFT screening runs in the inputs' precision (float32, or float64 when an input is)
-on data centred by a shift-invariant constant (the per-channel mean of ``points``), and every pair
-within the FFT's rounding-error bound of the running k-th distance is re-checked exactly: a float64
-FFT picks the pair's candidate shifts, which are applied with an index gather, and the distance is
-recomputed by direct difference from the raw inputs, so duplicates (shifted duplicates included)
-give exactly 0. Cost per pair: :math:`O(C F + S \log S)` with :math:`F` the rfft size, against
-:math:`O(D)` for the plain distance (measured: 5-300x the plain search, below :math:`|G|` for 1-D
-signals; see ``benchmarks/symmetry/results.md``); memory bounded by blocks of pairs. An alternative
-that stacks all :math:`|G|` rolled copies into GEMMs was measured slower on CPU in every case tried.
+Two exact searches, chosen by a cost model (``method="auto"``) or by hand:
+
+* ``"gemm"``: the shifts form a group, so :math:`\min_s \lVert y - \operatorname{roll}(z, s)\rVert =
+  \min_s \lVert \operatorname{roll}(y, s) - z\rVert` and the stacked query orbit (all
+  :math:`\prod S` shifted copies) is searched against the points in one exact blocked-GEMM search
+  (:func:`gapcallback.symmetry._search.stacked_orbit_knn`, exact float64 re-check by direct
+  difference). Cost per pair :math:`\propto |G| D`, at GEMM speed: at most :math:`|G|` plain searches.
+* ``"fft"``: an FFT screen of all pairs, cost per pair :math:`O(C F + S \log S)` with :math:`F` the
+  rfft size, at FFT speed. The screening runs in the inputs' precision (float32, or float64 when an
+  input is) on data centred by a shift-invariant constant (the per-channel mean of ``points``), and
+  every pair within the FFT's rounding-error bound of the running k-th distance is re-checked
+  exactly: a float64 FFT picks the pair's candidate shifts, which are applied with an index gather,
+  and the distance is recomputed by direct difference from the raw inputs.
+
+Both are exact (shifted duplicates give exactly 0); memory is bounded by blocks. The cost model
+(per pair, microseconds, calibrated on one x86 CPU thread; see ``benchmarks/symmetry/results.md``)
+compares :math:`0.04 + 1.1 \cdot 10^{-4}\, |G| D` for ``"gemm"`` with
+:math:`a_{n} + w_C F + c_{n} S \log_2 S` for ``"fft"`` (:math:`a_1 = 0.1`, :math:`c_1 = 7 \cdot
+10^{-4}` for 1-D shifts, :math:`a_2 = 0.3`, :math:`c_2 = 1.3 \cdot 10^{-3}` for 2-D and more;
+:math:`w_1 = 0.002`, :math:`w_C = 0.006\,C` for :math:`C > 1` channels). In practice: short signals
+and small images (:math:`|G| D` up to a few thousand) use the GEMM, long signals and large images the
+FFT.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from gapcallback.functional.knn import KNNResult
-from gapcallback.symmetry._search import bounded_search
+from gapcallback.symmetry._search import bounded_search, stacked_orbit_knn
 from gapcallback.symmetry.base import Symmetry
 from gapcallback.symmetry.finite_group import _point_dims
 from gapcallback.utils.checks import compute_dtype
@@ -50,6 +64,9 @@ class CyclicShifts(Symmetry):
         dims: per-point axes shifted circularly, counted from the end: ``(-1,)`` for 1-D signals
             ``[N, L]`` or ``[N, C, L]``; ``(-2, -1)`` for images ``[N, C, H, W]``. Other axes
             (channels) move together.
+        method: ``"auto"`` (default: the cost model in the module docstring picks per call),
+            ``"gemm"`` (stacked shifted copies of the queries, one exact blocked-GEMM search) or
+            ``"fft"`` (FFT cross-correlation screen). All three give the same exact result.
 
     Attributes:
         dimension: 0 (the shifts of a discrete signal form a finite group).
@@ -64,8 +81,13 @@ class CyclicShifts(Symmetry):
         tensor([[0.]])
     """
 
-    def __init__(self, dims: Sequence[int] = (-1,)):
+    def __init__(
+        self, dims: Sequence[int] = (-1,), *, method: Literal["auto", "gemm", "fft"] = "auto"
+    ):
         self.dims = _point_dims(dims, "dims")
+        if method not in ("auto", "gemm", "fft"):
+            raise ValueError(f"`method` must be 'auto', 'gemm' or 'fft', got {method!r}.")
+        self.method = method
         self._order: int | None = None
 
     @property
@@ -118,11 +140,65 @@ class CyclicShifts(Symmetry):
         _, best_shift = self._pair_exact(q, z)
         return j, best_shift
 
+    def choose_method(self, x: Tensor) -> Literal["gemm", "fft"]:
+        """The search :meth:`knn` runs on points shaped like ``x`` (``method`` unless ``"auto"``).
+
+        ``"auto"`` compares the per-pair cost estimates of the module docstring.
+        """
+        if self.method != "auto":
+            return self.method  # type: ignore[return-value]
+        self.check_shape(x, "x")
+        sizes = [int(x.shape[d]) for d in self.dims]
+        n_shifts = math.prod(sizes)
+        dim = x[0].numel()
+        channels = dim // n_shifts
+        f_size = n_shifts // sizes[-1] * (sizes[-1] // 2 + 1)
+        gemm = 0.04 + 1.1e-4 * n_shifts * dim
+        a, c = (0.1, 7e-4) if len(sizes) == 1 else (0.3, 1.3e-3)
+        w = 0.002 if channels == 1 else 0.006 * channels
+        fft = a + w * f_size + c * n_shifts * math.log2(max(n_shifts, 2))
+        return "gemm" if gemm <= fft else "fft"
+
+    def _shift_sources(self, sizes: Sequence[int], device: torch.device) -> Tensor:
+        """``[prod S, prod S]`` long: row ``s`` holds, for each flat output position ``t``, the flat
+        source position of ``roll(., shift s)`` (shifts in C order, shift 0 first)."""
+        nd = len(sizes)
+        n_shifts = math.prod(sizes)
+        strides = [math.prod(sizes[i + 1 :]) for i in range(nd)]
+        pos = torch.arange(n_shifts, device=device)
+        src = torch.zeros(n_shifts, n_shifts, dtype=torch.long, device=device)
+        for i in range(nd):
+            t_i = (pos // strides[i]) % sizes[i]
+            src += ((t_i[None, :] - t_i[:, None]) % sizes[i]) * strides[i]
+        return src
+
     def knn(
         self, queries: Tensor, points: Tensor, k: int, *, exclude_self: bool = False
     ) -> KNNResult:
         self.check_shape(queries, "queries")
         self.check_shape(points, "points")
+        if self.choose_method(points) == "gemm":
+            return self._knn_gemm(queries, points, k, exclude_self)
+        return self._knn_fft(queries, points, k, exclude_self)
+
+    def _knn_gemm(self, queries: Tensor, points: Tensor, k: int, exclude_self: bool) -> KNNResult:
+        """Stacked shifted copies of the queries, one exact GEMM search (module docstring)."""
+        if torch.float64 in (queries.dtype, points.dtype):
+            queries, points = queries.double(), points.double()
+        q = self._layout(queries)
+        x = self._layout(points)
+        sizes = tuple(q.shape[2:])
+        n_shifts = math.prod(sizes)
+        src = self._shift_sources(sizes, q.device)
+
+        def shifted(chunk: Tensor) -> Tensor:  # [B, C, *S] -> [n_shifts, B, C, prod S]
+            flat = chunk.reshape(chunk.shape[0], chunk.shape[1], n_shifts)
+            return flat[:, :, src].permute(2, 0, 1, 3)
+
+        return stacked_orbit_knn(q, x, k, exclude_self, shifted, n_shifts)
+
+    def _knn_fft(self, queries: Tensor, points: Tensor, k: int, exclude_self: bool) -> KNNResult:
+        """FFT cross-correlation screen with an exact re-check (module docstring)."""
         n, m = queries.shape[0], points.shape[0]
         with full_precision(points.device.type):
             q_raw = self._layout(queries).double()
