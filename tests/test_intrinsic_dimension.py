@@ -6,6 +6,7 @@ dimension (uniform samples of linear subspaces, spheres and tori), and exact inv
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from gapcallback.functional.intrinsic_dimension import (
     METHODS,
+    REFERENCE_FAMILIES,
     DimensionEstimate,
     deduplicate,
     gap_slope_dimension,
@@ -25,6 +27,9 @@ from gapcallback.functional.intrinsic_dimension import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the module itself (the package re-exports the function under the same name)
+id_module = importlib.import_module("gapcallback.functional.intrinsic_dimension")
 
 
 def _flat(n: int, d: int, big_d: int, seed: int = 0) -> torch.Tensor:
@@ -42,6 +47,12 @@ def _sphere(n: int, d: int, seed: int = 0) -> torch.Tensor:
 def _torus(n: int, d: int, seed: int = 0) -> torch.Tensor:
     t = np.random.default_rng(seed).uniform(0, 2 * np.pi, (n, d))
     return torch.from_numpy(np.concatenate([np.cos(t), np.sin(t)], 1))
+
+
+def _gaussian(n: int, d: int, big_d: int, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((big_d, d)))
+    return torch.from_numpy(rng.standard_normal((n, d)) @ q.T)
 
 
 def _brute_log_dists(x: np.ndarray, k: int) -> np.ndarray:
@@ -116,6 +127,76 @@ def test_calibrated_removes_the_high_dimension_bias() -> None:
 def test_calibrated_on_torus_and_cube() -> None:
     assert float(intrinsic_dimension(_torus(2000, 3))) == pytest.approx(3, rel=0.05)
     assert float(intrinsic_dimension(_flat(2000, 8, 10))) == pytest.approx(8, rel=0.1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(12, 40), dim=st.integers(1, 5), k=st.integers(2, 6), seed=st.integers(0, 10_000)
+)
+def test_calibrated_statistics_match_float64_brute_force(
+    n: int, dim: int, k: int, seed: int
+) -> None:
+    # raw: the pooled MLE; cos: mean over points of the mean cosine between the directions to
+    # every pair of distinct k nearest neighbours (brute force over the pairs).
+    x = np.random.default_rng(seed).standard_normal((n, dim))
+    dist = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    np.fill_diagonal(dist, np.inf)
+    order = np.argsort(dist, axis=1)[:, :k]
+    log_r = np.log(np.take_along_axis(dist, order, axis=1))
+    raw = (k - 1) / (log_r[:, k - 1 : k] - log_r[:, : k - 1]).sum(1).mean()
+    cos = []
+    for i in range(n):
+        u = x[order[i]] - x[i]
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        cos.append(np.mean([u[j] @ u[m] for j in range(k) for m in range(k) if j != m]))
+    est = intrinsic_dimension_estimate(torch.from_numpy(x), k=k, references=("cube",))
+    assert est.details["raw"] == pytest.approx(raw, rel=1e-9)
+    assert est.details["cos"] == pytest.approx(np.mean(cos), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("name", "x", "d"),
+    [
+        ("torus", _torus(1500, 8, seed=3), 8),
+        ("gaussian", _gaussian(1500, 10, 20, seed=4), 10),
+        ("cube", _flat(1500, 10, 12, seed=5), 10),
+        ("sphere", _sphere(1500, 10, seed=6), 10),
+    ],
+)
+def test_calibrated_tells_the_geometries_apart(name: str, x: torch.Tensor, d: int) -> None:
+    # The same raw MLE means different d on a torus (reads high), a sphere, a cube and a Gaussian
+    # (read low); the neighbour cosine picks the family, so every one lands within 7%.
+    est = intrinsic_dimension_estimate(x)
+    assert float(est.dimension) == pytest.approx(d, rel=0.07)
+    weights = est.details["reference"]
+    assert set(weights) <= set(REFERENCE_FAMILIES)
+    assert sum(weights.values()) == pytest.approx(1.0)
+    assert max(weights, key=weights.get) == name
+
+
+def test_sphere_only_calibration_misreads_a_flat_torus() -> None:
+    # Why one reference family is not enough: calibrated on spheres only, T^8 reads > 9.
+    x = _torus(1500, 8, seed=3)
+    sphere_only = intrinsic_dimension_estimate(x, k=5, references=["sphere"])
+    assert sphere_only.details["reference"] == {"sphere": 1.0}
+    assert float(sphere_only.dimension) > 9.0
+    assert float(intrinsic_dimension(x)) == pytest.approx(8, rel=0.07)
+
+
+def test_calibration_does_not_depend_on_the_cache() -> None:
+    a, b = _flat(600, 6, 8, seed=1), _torus(600, 7, seed=2)
+    first = [intrinsic_dimension_estimate(v) for v in (a, b)]
+    id_module._reference_stats.cache_clear()
+    second = [intrinsic_dimension_estimate(v) for v in (b, a)][::-1]
+    for e1, e2 in zip(first, second, strict=True):
+        assert torch.equal(e1.dimension, e2.dimension) and torch.equal(e1.std, e2.std)
+
+
+def test_reference_size_is_rounded_for_the_cache() -> None:
+    x = _flat(2503, 3, 5, seed=7)
+    est = intrinsic_dimension_estimate(x)
+    assert est.details["reference_points"] == 2500 and est.details["calibration_points"] == 2503
+    assert intrinsic_dimension_estimate(x[:999]).details["reference_points"] == 999
 
 
 def test_default_is_calibrated_and_deterministic() -> None:
@@ -283,6 +364,12 @@ def test_bad_options_raise() -> None:
         intrinsic_dimension(x, k=30)
     with pytest.raises(ValueError, match="dup_tol"):
         intrinsic_dimension(x, dup_tol=-1.0)
+    with pytest.raises(TypeError, match="references"):
+        intrinsic_dimension(x, k=3, references="sphere")
+    with pytest.raises(ValueError, match="references"):
+        intrinsic_dimension(x, k=3, references=("sphere", "klein_bottle"))
+    with pytest.raises(ValueError, match="references"):
+        intrinsic_dimension(x, k=3, references=())
     with pytest.raises(ValueError, match="fit"):
         intrinsic_dimension(x, "twonn", fit="ols")
     with pytest.raises(ValueError, match="discard"):
