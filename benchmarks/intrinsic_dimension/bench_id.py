@@ -1,12 +1,16 @@
 """Accuracy of every intrinsic-dimension estimator vs the truth, with scikit-dimension side by side.
 
-Run: ``nice -n 10 python benchmarks/intrinsic_dimension/bench_id.py`` (single-threaded, ~10 min on
+Run: ``nice -n 10 python benchmarks/intrinsic_dimension/bench_id.py`` (single-threaded, ~25 min on
 one core). Writes ``accuracy.md`` next to this file (merged into ``results.md``). Every estimator
-sees the same points (one seeded sample per manifold and n).
+sees the same points (one seeded sample per manifold and n). Tables: the project's suite
+(``manifolds.py``) at n = 2500 with scikit-dimension side by side, load_digits, the run time of the
+default (first call with an empty calibration cache, then cached), scikit-dimension's own benchmark
+suite (``skdim.datasets.BenchmarkManifolds``, n = 2500; needs pandas), and n = 500 / 20000.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 import warnings
 from pathlib import Path
@@ -17,13 +21,17 @@ import torch
 from gapcallback.functional.intrinsic_dimension import intrinsic_dimension
 
 try:
-    from manifolds import SUITE
+    from manifolds import SUITE, by_name
 except ImportError:  # run as a module from the repository root
-    from benchmarks.intrinsic_dimension.manifolds import SUITE
+    from benchmarks.intrinsic_dimension.manifolds import SUITE, by_name
 
 HERE = Path(__file__).resolve().parent
+# the module (``gapcallback.functional.intrinsic_dimension`` is also the function's name there)
+id_module = importlib.import_module("gapcallback.functional.intrinsic_dimension")
+PREVIOUS = "sphere-only k=5"  # the default of version 0.1: MLE(k=5) calibrated on spheres only
 OURS = {
     "calibrated": {},
+    PREVIOUS: {"k": 5, "references": ("sphere",)},
     "twonn": {},
     "twonn-lin": {"fit": "linear"},
     "mle(k=10)": {},
@@ -33,7 +41,7 @@ DANCO_MAX_D = 12  # skdim's DANCo is slow (it simulates every d up to D): run it
 
 
 def ours(x: np.ndarray, name: str) -> float:
-    method = {"twonn-lin": "twonn", "mle(k=10)": "mle"}.get(name, name)
+    method = {"twonn-lin": "twonn", "mle(k=10)": "mle", PREVIOUS: "calibrated"}.get(name, name)
     return float(intrinsic_dimension(torch.from_numpy(x), method, **OURS[name]))
 
 
@@ -110,6 +118,66 @@ def digits_row() -> str:
     )
 
 
+def timing_table() -> str:
+    """Run time of the default: first call with an empty calibration cache, then cached calls."""
+    rows = []
+    for n in (2500, 4000):
+        for name in ("gaussian_10_in_30", "sphere_30_in_40"):
+            x = torch.from_numpy(by_name(name).sample(n, np.random.default_rng(7)))
+            id_module._reference_stats.cache_clear()
+            t0 = time.perf_counter()
+            d = float(intrinsic_dimension(x))
+            first = time.perf_counter() - t0
+            cached, raw = [], []
+            for _ in range(3):  # alternate, medians
+                t0 = time.perf_counter()
+                intrinsic_dimension(x)
+                cached.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                intrinsic_dimension(x, "mle")
+                raw.append(time.perf_counter() - t0)
+            rows.append(
+                f"| {name} | {n} | {d:.2f} | {first:.1f} | {np.median(cached):.3f} |"
+                f" {np.median(raw):.3f} |"
+            )
+            print(rows[-1], flush=True)
+    head = (
+        "| data | n | estimate | first call (s, empty cache) | cached call (s) | raw mle (s) |\n"
+        "|---|---|---|---|---|---|"
+    )
+    return "\n".join([head, *rows])
+
+
+def skdim_suite_table(n: int = 2500) -> str:
+    """scikit-dimension's standard benchmark (``BenchmarkManifolds``): ours vs its TwoNN and MLE."""
+    import skdim
+
+    bm = skdim.datasets.BenchmarkManifolds(random_state=0)
+    data = bm.generate(n=n)
+    truth = bm.truth["Intrinsic Dimension"]
+    cols = ["calibrated", PREVIOUS, "skdim TwoNN", "skdim MLE"]
+    rows, errs = [], {c: [] for c in cols}
+    for name, x in data.items():
+        d = int(truth[name])
+        x = np.asarray(x, dtype=np.float64)
+        vals = {c: ours(x, c) for c in cols[:2]}
+        vals["skdim TwoNN"] = float(skdim.id.TwoNN().fit(x).dimension_)
+        vals["skdim MLE"] = float(skdim.id.MLE(K=10).fit(x).dimension_)
+        for c in cols:
+            errs[c].append(abs(vals[c] - d) / d)
+        rows.append(
+            f"| {name} | {d} | {x.shape[1]} | " + " | ".join(f"{vals[c]:.2f}" for c in cols) + " |"
+        )
+        print(rows[-1], flush=True)
+    head = "| manifold | d | D | " + " | ".join(cols) + " |\n|" + "---|" * (3 + len(cols))
+    mean = (
+        "| **mean rel. error** | | | "
+        + " | ".join(f"**{100 * np.mean(errs[c]):.1f}%**" for c in cols)
+        + " |"
+    )
+    return "\n".join([head, *rows, mean])
+
+
 def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -125,10 +193,28 @@ def main() -> None:
     (HERE / "accuracy.md").write_text("\n".join(parts) + "\n")
     parts += ["### load_digits\n", digits_row(), ""]
     (HERE / "accuracy.md").write_text("\n".join(parts) + "\n")
+    parts += [
+        "### Run time of the default (torch threads = 1)\n",
+        "First call: the calibration cache emptied before it (simulation of the reference families"
+        " for this n); cached: median of 3, alternating with the raw `mle` (one k = 10 search).\n",
+        timing_table(),
+        "",
+    ]
+    (HERE / "accuracy.md").write_text("\n".join(parts) + "\n")
+    try:
+        parts += [
+            "### scikit-dimension's benchmark suite (`BenchmarkManifolds(random_state=0)`,"
+            " n = 2500)\n",
+            skdim_suite_table(),
+            "",
+        ]
+    except ImportError as err:  # BenchmarkManifolds needs pandas
+        parts += [f"(scikit-dimension's benchmark suite skipped: {err})", ""]
+    (HERE / "accuracy.md").write_text("\n".join(parts) + "\n")
     for n in (500, 20000):
         global OURS
         saved = OURS
-        OURS = {"calibrated": {}, "twonn": {}, "mle(k=10)": {}}
+        OURS = {"calibrated": {}, PREVIOUS: saved[PREVIOUS], "twonn": {}, "mle(k=10)": {}}
         tab, _ = table(n, with_peers=False)
         OURS = saved
         parts += [f"### n = {n} (ours only)\n", tab, ""]
