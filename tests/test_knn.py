@@ -84,6 +84,28 @@ def test_exclude_self(n, dim, seed, bq):
     assert not bool((idx == torch.arange(n)[:, None]).any())
 
 
+@given(problems(), st.sampled_from([torch.float32, torch.float64]))
+def test_self_search_halved_gemm_matches_general_path_and_oracle(problem, dtype):
+    # `knn(x, x, ...)` multiplies each block once and reuses it transposed; a copy of `x` takes
+    # the general path. Both must equal the oracle, ties and duplicates included.
+    _, x, k, block = problem
+    x = x.to(dtype)
+    k = min(k, x.shape[0] - 1)
+    if k < 1:
+        return
+    same = knn(x, x, k, exclude_self=True, block_size=block)
+    general = knn(x, x.clone(), k, exclude_self=True, block_size=block)
+    ref_sq, ref_idx = brute_force(x, x, k, exclude_self=True)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(same.sq_dists.double(), ref_sq, rtol=rtol, atol=0)
+    assert torch.equal(same.sq_dists, general.sq_dists)
+    assert torch.equal(same.indices, general.indices)
+    direct = ((x.double()[:, None, :] - x.double()[same.indices]) ** 2).sum(-1)
+    torch.testing.assert_close(direct, ref_sq, rtol=1e-6, atol=0)
+    if dtype == torch.float64:
+        assert torch.equal(same.indices, ref_idx)
+
+
 def test_exclude_self_keeps_duplicates_at_zero():
     x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0]])
     sq, idx = knn(x, x, 1, exclude_self=True)

@@ -11,11 +11,15 @@ happens (near-duplicates far from the origin), and it never gives exact zeros. H
 
 1. both sets are centred on the mean of ``points`` (shrinks the norms, hence the error);
 2. for each block of queries and block of points, :math:`a_{ij} = \lVert y_j\rVert^2 - 2\langle x_i,
-   y_j\rangle` is formed by one GEMM (the per-row constant :math:`\lVert x_i\rVert^2` is omitted);
+   y_j\rangle` is formed by one GEMM of the augmented rows :math:`[x_i, 1]` and
+   :math:`[-2 y_j, \lVert y_j\rVert^2]` into a reused buffer (the per-row constant
+   :math:`\lVert x_i\rVert^2` is omitted);
 3. every entry within :math:`2\tau_i` of the running k-th smallest :math:`a_{i\cdot}` is a candidate,
    where :math:`\tau_i = (2D + 16)\,\varepsilon\,(\lVert x_i\rVert^2 + \max_j \lVert y_j\rVert^2)`
-   bounds the rounding error of the expansion (a standard forward bound for a length-D dot product,
-   plus the rounding of the centred inputs; float64 inputs are screened in float32);
+   bounds the rounding error of one entry: the standard forward bound of a length-(D+1) dot
+   product and of the computed norm give :math:`(1.5D + 1)\,\varepsilon\,(\lVert x_i\rVert^2 +
+   \lVert y_j\rVert^2)` (:math:`\varepsilon = 2u`), and the rest covers the rounding of the centred
+   inputs (float64 inputs are screened in float32);
 4. the candidates' distances are recomputed by direct difference in float64 (float32 where the device
    has no float64) and the k smallest kept, ties broken by the lower index.
 
@@ -27,6 +31,7 @@ sizes, never ``N x M``. Matmuls run in IEEE fp32/fp64 with autocast disabled, wh
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -84,7 +89,9 @@ def knn(
         k: number of neighbours, ``1 <= k <= M`` (``M - 1`` with ``exclude_self``).
         exclude_self: leave-one-out search of a set within itself: ``queries`` and ``points`` are
             the same set (same ``N``) and point ``i`` is never returned as a neighbour of query
-            ``i``. Duplicates of a point still count (at distance exactly 0).
+            ``i``. Duplicates of a point still count (at distance exactly 0). When ``queries``
+            is ``points`` (the same tensor), each product block serves both directions: half the
+            GEMM work.
         symmetry: a :class:`gapcallback.symmetry.Symmetry`; the distance becomes the orbit
             distance :math:`\min_{g \in G} \lVert x - g\,y \rVert^2`.
         block_size: ``(query_block, point_block)`` rows per block; peak extra memory is about
@@ -182,23 +189,15 @@ def _knn_exact(
         q = queries.to(dtype)
         x = points.to(dtype)
         centre = (x.sum(dim=0, dtype=exact_dtype) / m).to(dtype)
-        q_centred = q - centre
-        x_centred = x - centre
         # float64 inputs are screened in float32 (twice the GEMM speed) when that is finite; the
         # rounding of the inputs to float32 is inside the slack below, and the re-check is float64.
         screen = torch.float32 if dtype == torch.float64 else dtype
-        if screen != dtype:
-            q32, x32 = q_centred.to(screen), x_centred.to(screen)
-            q_norms, x_norms = q32.square().sum(dim=1), x32.square().sum(dim=1)
-            if bool(torch.isfinite(q_norms).all() & torch.isfinite(x_norms).all()):
-                q_centred, x_centred = q32, x32
-            else:
-                screen = dtype
-        if screen == dtype:
-            q_norms = q_centred.square().sum(dim=1)
-            x_norms = x_centred.square().sum(dim=1)
+        q_aug, x_aug, q_norms, x_norms = _gemm_operands(q, x, centre, screen)
+        if screen != dtype and not _all_finite(q_norms, x_norms):
+            screen = dtype
+            q_aug, x_aug, q_norms, x_norms = _gemm_operands(q, x, centre, screen)
         # NaN/Inf in an input shows up in the norms: one cheap test instead of a full pass.
-        if not bool(torch.isfinite(q_norms).all() & torch.isfinite(x_norms).all()):
+        if not _all_finite(q_norms, x_norms):
             check_finite(queries, "queries")
             check_finite(points, "points")
             raise ValueError(
@@ -206,12 +205,19 @@ def _knn_exact(
                 " rescale the data or pass float64 tensors."
             )
         eps = torch.finfo(screen).eps
-        # Twice the forward error bound of the expansion (including the rounding of the centred
-        # inputs to the screening dtype), per query row.
+        # Twice a bound on the rounding error of one entry (see the module docstring), per query row.
         slack = 2.0 * (2 * dim + 16) * eps * (q_norms + x_norms.max())
 
+        if exclude_self and _same_set(queries, points):
+            block = max(1, int(math.sqrt(query_block * point_block)))
+            best_d, best_i = _self_search(x, q_aug, x_aug, x_norms, slack, k, block, exact_dtype)
+            return KNNResult(best_d.to(dtype), best_i)
         out_d = torch.empty(n, k, dtype=dtype, device=points.device)
         out_i = torch.empty(n, k, dtype=torch.long, device=points.device)
+        # One block buffer reused for every product (no allocation per block).
+        buffer = torch.empty(
+            min(query_block, n) * min(point_block, m), dtype=screen, device=points.device
+        )
         for qs in range(0, n, query_block):
             qe = min(qs + query_block, n)
             rows = qe - qs
@@ -222,9 +228,8 @@ def _knn_exact(
             n_pending = 0
             for ps in range(0, m, point_block):
                 pe = min(ps + point_block, m)
-                approx = torch.addmm(
-                    x_norms[ps:pe], q_centred[qs:qe], x_centred[ps:pe].T, alpha=-2.0
-                )
+                approx = buffer[: rows * (pe - ps)].view(rows, pe - ps)
+                torch.mm(q_aug[qs:qe], x_aug[ps:pe].T, out=approx)
                 if exclude_self:
                     lo, hi = max(qs, ps), min(qe, pe)
                     if lo < hi:
@@ -244,10 +249,103 @@ def _knn_exact(
     return KNNResult(out_d, out_i)
 
 
+def _same_set(queries: Tensor, points: Tensor) -> bool:
+    """Whether ``queries`` and ``points`` are the same tensor (views of the same memory)."""
+    return (
+        queries.data_ptr() == points.data_ptr()
+        and queries.shape == points.shape
+        and queries.stride() == points.stride()
+        and queries.dtype == points.dtype
+    )
+
+
+def _self_search(
+    x: Tensor,
+    q_aug: Tensor,
+    x_aug: Tensor,
+    x_norms: Tensor,
+    slack: Tensor,
+    k: int,
+    block: int,
+    exact_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    r"""Leave-one-out search of a set within itself, computing each product block once.
+
+    For row block ``I`` and column block ``J > I`` the product :math:`P_{ij} = \lVert x_j\rVert^2 -
+    2\langle x_i, x_j\rangle` also gives the transposed entries :math:`P_{ji} = P_{ij} +
+    \lVert x_i\rVert^2 - \lVert x_j\rVert^2`, so only the upper triangle of blocks is multiplied
+    (half the GEMM work). The two extra roundings are inside the slack's headroom.
+
+    Returns ``(best_d [N, k] in exact_dtype, best_i [N, k])``.
+    """
+    n = x.shape[0]
+    device = x.device
+    running = torch.full((n, k), float("inf"), dtype=q_aug.dtype, device=device)
+    best_d = torch.full((n, k), float("inf"), dtype=exact_dtype, device=device)
+    best_i = torch.full((n, k), -1, dtype=torch.long, device=device)
+    buffer = torch.empty(min(block, n) ** 2, dtype=q_aug.dtype, device=device)
+    pending: list[tuple[Tensor, Tensor]] = []
+    n_pending = 0
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        for t in range(s, n, block):
+            u = min(t + block, n)
+            prod = buffer[: (e - s) * (u - t)].view(e - s, u - t)
+            torch.mm(q_aug[s:e], x_aug[t:u].T, out=prod)
+            if t == s:
+                diag = torch.arange(e - s, device=device)
+                prod[diag, diag] = float("inf")
+            running[s:e], rows, cols = _block_candidates(prod, running[s:e], slack[s:e])
+            pending.append((rows + s, cols + t))
+            n_pending += rows.numel()
+            if t > s:
+                prod.add_(x_norms[s:e, None])
+                running[t:u], rows, cols = _block_candidates(
+                    prod, running[t:u], slack[t:u], row_offset=x_norms[t:u]
+                )
+                pending.append((rows + t, cols + s))
+                n_pending += rows.numel()
+            if n_pending > _PENDING_PER_ROW * n:  # bound memory on degenerate data
+                best_d, best_i = _recheck(x, x, pending, best_d, best_i)
+                pending, n_pending = [], 0
+    return _recheck(x, x, pending, best_d, best_i)
+
+
+def _gemm_operands(
+    q: Tensor, x: Tensor, centre: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Screening operands of centred data, in ``dtype`` (``c = centre``):
+    ``[q - c, 1]`` ``[N, D+1]`` and ``[-2 (x - c), ||x - c||^2]`` ``[M, D+1]``.
+
+    Their product is :math:`a_{ij} = \lVert x_j\rVert^2 - 2\langle q_i, x_j\rangle` in one GEMM, with
+    no separate pass adding the norms (the scaling by -2 is exact). Also returns the squared norms
+    ``[N]``, ``[M]`` of the centred ``q`` and ``x`` in ``dtype``.
+    """
+    n, dim = q.shape
+    q_aug = torch.empty(n, dim + 1, dtype=dtype, device=q.device)
+    x_aug = torch.empty(x.shape[0], dim + 1, dtype=dtype, device=x.device)
+    torch.sub(q, centre, out=q_aug[:, :dim])
+    q_aug[:, dim] = 1.0
+    torch.sub(x, centre, out=x_aug[:, :dim])
+    q_norms = q_aug[:, :dim].square().sum(dim=1)
+    x_norms = x_aug[:, :dim].square().sum(dim=1)
+    x_aug[:, :dim].mul_(-2.0)
+    x_aug[:, dim] = x_norms
+    return q_aug, x_aug, q_norms, x_norms
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def _block_candidates(
-    approx: Tensor, running: Tensor, slack: Tensor
+    approx: Tensor, running: Tensor, slack: Tensor, row_offset: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Candidates of one ``[rows, width]`` block of expanded distances.
+    """Candidates of one block of expanded distances.
+
+    The block is ``approx`` ``[rows, width]``, or, when ``row_offset`` ``[width]`` is given, the
+    transposed block ``approx.T - row_offset[:, None]`` ``[width, rows]`` (never materialised: the
+    other half of a symmetric self-search reuses the product).
 
     ``running`` ``[rows, k]`` holds upper bounds of the k smallest entries seen so far (minima of
     distinct tiles of ``_TILE`` columns, so the k-th is >= the true k-th smallest entry; the exact
@@ -255,16 +353,25 @@ def _block_candidates(
     is a candidate when it is within ``slack`` of the k-th bound. Only tiles whose minimum passes
     are inspected, so the block is read once (the tile minima) plus a few tiles per row.
 
-    Returns the updated ``running`` and flat ``(row, column)`` candidate indices.
+    Returns the updated ``running`` and flat ``(row, column)`` candidate indices of the block.
     """
-    rows, width = approx.shape
+    transposed = row_offset is not None
+    rows, width = approx.shape[::-1] if transposed else approx.shape
     n_full = width // _TILE
+    full_tiles = (
+        approx[: n_full * _TILE].view(n_full, _TILE, rows)
+        if transposed
+        else approx[:, : n_full * _TILE].view(rows, n_full, _TILE)
+    )
     parts = []
     if n_full:
-        parts.append(approx[:, : n_full * _TILE].view(rows, n_full, _TILE).amin(dim=2))
+        parts.append(full_tiles.amin(dim=1).T if transposed else full_tiles.amin(dim=2))
     if width > n_full * _TILE:
-        parts.append(approx[:, n_full * _TILE :].amin(dim=1, keepdim=True))
+        rest = approx[n_full * _TILE :].T if transposed else approx[:, n_full * _TILE :]
+        parts.append(rest.amin(dim=1, keepdim=True))
     tile_min = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if row_offset is not None:
+        tile_min = tile_min - row_offset[:, None]
     k = running.shape[1]
     if k == 1:
         running = torch.minimum(running, tile_min.amin(dim=1, keepdim=True))
@@ -273,17 +380,36 @@ def _block_candidates(
         running = torch.cat([running, tile_min], dim=1).topk(k, dim=1, largest=False).values
     else:
         # Many neighbours: tile minima would give a loose bound; take the block's exact top-k.
-        block_best = approx.topk(min(k, width), dim=1, largest=False).values
+        block = approx.T - row_offset[:, None] if row_offset is not None else approx
+        block_best = block.topk(min(k, width), dim=1, largest=False).values
         running = torch.cat([running, block_best], dim=1).topk(k, dim=1, largest=False).values
     # Finite, so that masked entries (+inf: a point's own index) are never candidates.
     threshold = (running.amax(dim=1) + slack).clamp_max(torch.finfo(approx.dtype).max)
     hit_r, hit_t = (tile_min <= threshold[:, None]).nonzero(as_tuple=True)
-    cols = hit_t[:, None] * _TILE + torch.arange(_TILE, device=approx.device)
-    inside = cols < width
-    cols = cols.clamp_max(width - 1)
-    keep = (approx[hit_r[:, None], cols] <= threshold[hit_r, None]) & inside
-    kr, kc = keep.nonzero(as_tuple=True)
-    return running, hit_r[kr], cols[kr, kc]
+    cand_r, cand_c = [], []
+    if n_full:
+        # Whole tiles are gathered as rows of 64 (contiguous unless transposed).
+        full = hit_t < n_full
+        fr, ft = hit_r[full], hit_t[full]
+        if row_offset is not None:
+            values = full_tiles[ft, :, fr] - row_offset[fr, None]
+        else:
+            values = full_tiles[fr, ft]
+        kr, kc = (values <= threshold[fr, None]).nonzero(as_tuple=True)
+        cand_r.append(fr[kr])
+        cand_c.append(ft[kr] * _TILE + kc)
+    if width > n_full * _TILE:
+        pr = hit_r[hit_t == n_full]
+        if row_offset is not None:
+            values = approx[n_full * _TILE :, pr].T - row_offset[pr, None]
+        else:
+            values = approx[pr, n_full * _TILE :]
+        kr, kc = (values <= threshold[pr, None]).nonzero(as_tuple=True)
+        cand_r.append(pr[kr])
+        cand_c.append(n_full * _TILE + kc)
+    if len(cand_r) == 1:
+        return running, cand_r[0], cand_c[0]
+    return running, torch.cat(cand_r), torch.cat(cand_c)
 
 
 def _recheck(
