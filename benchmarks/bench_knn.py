@@ -75,6 +75,30 @@ def time_shape(n: int, dim: int, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def time_leave_one_out(n: int, dim: int, repeats: int) -> dict[str, float]:
+    """Neighbours of a set within itself (what every estimator runs): ours with ``exclude_self``
+    (one product per block pair) vs faiss searching k=2 and dropping the point itself."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, dim, generator=g)
+
+    def ours(x: torch.Tensor) -> np.ndarray:
+        return knn(x, x, 1, exclude_self=True).sq_dists[:, 0].numpy()
+
+    def peer(x: torch.Tensor) -> np.ndarray:
+        index = faiss.IndexFlatL2(dim)
+        index.add(x.numpy())
+        dist, _ = index.search(x.numpy(), 2)
+        return dist[:, 1]
+
+    times: dict[str, list[float]] = {"gapcallback": [], "faiss": []}
+    for _ in range(repeats):
+        for name, fn in (("gapcallback", ours), ("faiss", peer)):
+            start = time.perf_counter()
+            fn(x)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def accuracy(n: int = 20000, dim: int = 64) -> dict[str, dict[str, float]]:
     g = torch.Generator().manual_seed(1)
     base = torch.randn(n, dim, generator=g) * 0.5 + 28.0  # ||x||^2 ~ 5e4
@@ -156,6 +180,9 @@ def main() -> None:
     }
     for n, dim in shapes:
         result["timing_s"][f"N=M={n}, D={dim}"] = time_shape(n, dim, args.repeats)
+    result["leave_one_out_s"] = {
+        f"N={n}, D={dim}": time_leave_one_out(n, dim, args.repeats) for n, dim in shapes
+    }
     mem_n = 3000 if args.quick else 30000
     result["peak_extra_mb"] = {f"N=M={mem_n}, D=64": peak_memory(mem_n, 64)}
     result["accuracy"] = accuracy(2000 if args.quick else 20000)
@@ -171,6 +198,12 @@ def main() -> None:
         print(
             f"| {shape} | {t['gapcallback knn']:.3f} | {t['gapcallback gap']:.3f} | {t['faiss']:.3f} "
             f"| {t['cdist']:.3f} | {t['gapcallback knn'] / t['faiss']:.2f}x |"
+        )
+    print("\n| leave-one-out (k=1 other point) | gapcallback (s) | faiss k=2 (s) | ours / faiss |")
+    print("|---|---|---|---|")
+    for shape, t in result["leave_one_out_s"].items():
+        print(
+            f"| {shape} | {t['gapcallback']:.3f} | {t['faiss']:.3f} | {t['gapcallback'] / t['faiss']:.2f}x |"
         )
     print("\n| peak extra memory | gapcallback | faiss | cdist |\n|---|---|---|---|")
     for shape, m in result["peak_extra_mb"].items():

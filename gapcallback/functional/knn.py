@@ -224,7 +224,7 @@ def _knn_exact(
             best_d = torch.full((rows, k), float("inf"), dtype=exact_dtype, device=points.device)
             best_i = torch.full((rows, k), -1, dtype=torch.long, device=points.device)
             running = torch.full((rows, k), float("inf"), dtype=screen, device=points.device)
-            pending: list[tuple[Tensor, Tensor]] = []
+            pending: list[tuple[Tensor, Tensor, Tensor]] = []
             n_pending = 0
             for ps in range(0, m, point_block):
                 pe = min(ps + point_block, m)
@@ -235,15 +235,17 @@ def _knn_exact(
                     if lo < hi:
                         diag = torch.arange(lo, hi, device=points.device)
                         approx[diag - qs, diag - ps] = float("inf")
-                running, cand_r, cand_c = _block_candidates(approx, running, slack[qs:qe])
+                running, cand_r, cand_c, cand_v = _block_candidates(approx, running, slack[qs:qe])
                 if cand_r.numel() == 0:
                     continue
-                pending.append((cand_r, cand_c + ps))
+                pending.append((cand_r, cand_c + ps, cand_v))
                 n_pending += cand_r.numel()
                 if n_pending > _PENDING_PER_ROW * rows:  # bound memory on degenerate data
-                    best_d, best_i = _recheck(q[qs:qe], x, pending, best_d, best_i)
+                    bound = running.amax(dim=1) + slack[qs:qe]
+                    best_d, best_i = _recheck(q[qs:qe], x, pending, bound, best_d, best_i)
                     pending, n_pending = [], 0
-            best_d, best_i = _recheck(q[qs:qe], x, pending, best_d, best_i)
+            bound = running.amax(dim=1) + slack[qs:qe]
+            best_d, best_i = _recheck(q[qs:qe], x, pending, bound, best_d, best_i)
             out_d[qs:qe] = best_d.to(dtype)
             out_i[qs:qe] = best_i
     return KNNResult(out_d, out_i)
@@ -284,7 +286,7 @@ def _self_search(
     best_d = torch.full((n, k), float("inf"), dtype=exact_dtype, device=device)
     best_i = torch.full((n, k), -1, dtype=torch.long, device=device)
     buffer = torch.empty(min(block, n) ** 2, dtype=q_aug.dtype, device=device)
-    pending: list[tuple[Tensor, Tensor]] = []
+    pending: list[tuple[Tensor, Tensor, Tensor]] = []
     n_pending = 0
     for s in range(0, n, block):
         e = min(s + block, n)
@@ -295,20 +297,21 @@ def _self_search(
             if t == s:
                 diag = torch.arange(e - s, device=device)
                 prod[diag, diag] = float("inf")
-            running[s:e], rows, cols = _block_candidates(prod, running[s:e], slack[s:e])
-            pending.append((rows + s, cols + t))
+            running[s:e], rows, cols, vals = _block_candidates(prod, running[s:e], slack[s:e])
+            pending.append((rows + s, cols + t, vals))
             n_pending += rows.numel()
             if t > s:
                 prod.add_(x_norms[s:e, None])
-                running[t:u], rows, cols = _block_candidates(
+                running[t:u], rows, cols, vals = _block_candidates(
                     prod, running[t:u], slack[t:u], row_offset=x_norms[t:u]
                 )
-                pending.append((rows + t, cols + s))
+                pending.append((rows + t, cols + s, vals))
                 n_pending += rows.numel()
             if n_pending > _PENDING_PER_ROW * n:  # bound memory on degenerate data
-                best_d, best_i = _recheck(x, x, pending, best_d, best_i)
+                bound = running.amax(dim=1) + slack
+                best_d, best_i = _recheck(x, x, pending, bound, best_d, best_i)
                 pending, n_pending = [], 0
-    return _recheck(x, x, pending, best_d, best_i)
+    return _recheck(x, x, pending, running.amax(dim=1) + slack, best_d, best_i)
 
 
 def _gemm_operands(
@@ -340,7 +343,7 @@ def _all_finite(*tensors: Tensor) -> bool:
 
 def _block_candidates(
     approx: Tensor, running: Tensor, slack: Tensor, row_offset: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Candidates of one block of expanded distances.
 
     The block is ``approx`` ``[rows, width]``, or, when ``row_offset`` ``[width]`` is given, the
@@ -353,7 +356,8 @@ def _block_candidates(
     is a candidate when it is within ``slack`` of the k-th bound. Only tiles whose minimum passes
     are inspected, so the block is read once (the tile minima) plus a few tiles per row.
 
-    Returns the updated ``running`` and flat ``(row, column)`` candidate indices of the block.
+    Returns the updated ``running``, and the flat ``(row, column)`` indices and expanded values of
+    the block's candidates (values let a later, tighter bound drop candidates before the re-check).
     """
     transposed = row_offset is not None
     rows, width = approx.shape[::-1] if transposed else approx.shape
@@ -386,7 +390,7 @@ def _block_candidates(
     # Finite, so that masked entries (+inf: a point's own index) are never candidates.
     threshold = (running.amax(dim=1) + slack).clamp_max(torch.finfo(approx.dtype).max)
     hit_r, hit_t = (tile_min <= threshold[:, None]).nonzero(as_tuple=True)
-    cand_r, cand_c = [], []
+    cand_r, cand_c, cand_v = [], [], []
     if n_full:
         # Whole tiles are gathered as rows of 64 (contiguous unless transposed).
         full = hit_t < n_full
@@ -398,6 +402,7 @@ def _block_candidates(
         kr, kc = (values <= threshold[fr, None]).nonzero(as_tuple=True)
         cand_r.append(fr[kr])
         cand_c.append(ft[kr] * _TILE + kc)
+        cand_v.append(values[kr, kc])
     if width > n_full * _TILE:
         pr = hit_r[hit_t == n_full]
         if row_offset is not None:
@@ -407,23 +412,31 @@ def _block_candidates(
         kr, kc = (values <= threshold[pr, None]).nonzero(as_tuple=True)
         cand_r.append(pr[kr])
         cand_c.append(n_full * _TILE + kc)
+        cand_v.append(values[kr, kc])
     if len(cand_r) == 1:
-        return running, cand_r[0], cand_c[0]
-    return running, torch.cat(cand_r), torch.cat(cand_c)
+        return running, cand_r[0], cand_c[0], cand_v[0]
+    return running, torch.cat(cand_r), torch.cat(cand_c), torch.cat(cand_v)
 
 
 def _recheck(
     q: Tensor,
     x: Tensor,
-    pending: list[tuple[Tensor, Tensor]],
+    pending: list[tuple[Tensor, Tensor, Tensor]],
+    bound: Tensor,
     best_d: Tensor,
     best_i: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Exact distances of the pending ``(row, col)`` candidates, merged into the running top-k."""
+    """Exact distances of the pending ``(row, col, value)`` candidates, merged into the top-k.
+
+    Candidates whose expanded value exceeds the current per-row ``bound`` (running k-th bound plus
+    slack, tighter than when they were found) cannot be neighbours and are dropped first.
+    """
     if not pending:
         return best_d, best_i
     rows = torch.cat([c[0] for c in pending])
     cols = torch.cat([c[1] for c in pending])
+    keep = torch.cat([c[2] for c in pending]) <= bound[rows]
+    rows, cols = rows[keep], cols[keep]
     dists = _direct_sq_dists(q, x, rows, cols, best_d.dtype)
     return _merge_topk(best_d, best_i, rows, dists, cols, best_d.shape[1])
 
