@@ -2,7 +2,7 @@
 
 Data: a 10-dimensional Gaussian in a random 10-dimensional subspace of R^64 (float64). Both
 single-threaded (torch.set_num_threads(1); skdim uses scikit-learn's single-threaded search);
-medians of 3 alternating runs in one process. Writes ``speed.md`` next to this file.
+medians of 5 alternating runs in one process. Writes ``speed.md`` next to this file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from gapcallback.functional.intrinsic_dimension import intrinsic_dimension
 HERE = Path(__file__).resolve().parent
 
 
-def main(n: int = 20000, big_d: int = 64, d: int = 10, runs: int = 3) -> None:
+def main(n: int = 20000, big_d: int = 64, d: int = 10, runs: int = 5) -> None:
     import skdim
 
     torch.set_num_threads(1)
@@ -43,7 +43,7 @@ def main(n: int = 20000, big_d: int = 64, d: int = 10, runs: int = 3) -> None:
         else:
             mle = (statistics.median(t_ours), v_ours[-1])
     rows = [
-        "## TwoNN speed (N = 20000, D = 64, d = 10 Gaussian; 1 thread; median of 3 alternating runs)\n",
+        "## TwoNN speed (N = 20000, D = 64, d = 10 Gaussian; 1 thread; median of 5 alternating runs)\n",
         "| estimator | time (s) | estimate |",
         "|---|---|---|",
         f"| skdim TwoNN (linear fit, discard 10%) | {lin[1]:.2f} | {lin[3]:.3f} |",

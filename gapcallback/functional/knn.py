@@ -18,7 +18,8 @@ happens (near-duplicates far from the origin), and it never gives exact zeros. H
    where :math:`\tau_i = (2D + 16)\,\varepsilon\,(\lVert x_i\rVert^2 + \max_j \lVert y_j\rVert^2)`
    bounds the rounding error of one entry: the standard forward bound of a length-(D+1) dot
    product and of the computed norm give :math:`(1.5D + 1)\,\varepsilon\,(\lVert x_i\rVert^2 +
-   \lVert y_j\rVert^2)` (:math:`\varepsilon = 2u`), and the rest covers the rounding of the centred
+   \lVert y_j\rVert^2)` (:math:`\varepsilon = 2u`; :math:`(2D + 2)\,\varepsilon` for the symmetric
+   operands of a set searched within itself), and the rest covers the rounding of the centred
    inputs (float64 inputs are screened in float32);
 4. the candidates' distances are recomputed by direct difference in float64 (float32 where the device
    has no float64) and the k smallest kept, ties broken by the lower index.
@@ -192,10 +193,11 @@ def _knn_exact(
         # float64 inputs are screened in float32 (twice the GEMM speed) when that is finite; the
         # rounding of the inputs to float32 is inside the slack below, and the re-check is float64.
         screen = torch.float32 if dtype == torch.float64 else dtype
-        q_aug, x_aug, q_norms, x_norms = _gemm_operands(q, x, centre, screen)
+        same = exclude_self and _same_set(queries, points)
+        q_aug, x_aug, q_norms, x_norms = _gemm_operands(q, x, centre, screen, same)
         if screen != dtype and not _all_finite(q_norms, x_norms):
             screen = dtype
-            q_aug, x_aug, q_norms, x_norms = _gemm_operands(q, x, centre, screen)
+            q_aug, x_aug, q_norms, x_norms = _gemm_operands(q, x, centre, screen, same)
         # NaN/Inf in an input shows up in the norms: one cheap test instead of a full pass.
         if not _all_finite(q_norms, x_norms):
             check_finite(queries, "queries")
@@ -208,9 +210,9 @@ def _knn_exact(
         # Twice a bound on the rounding error of one entry (see the module docstring), per query row.
         slack = 2.0 * (2 * dim + 16) * eps * (q_norms + x_norms.max())
 
-        if exclude_self and _same_set(queries, points):
+        if same:
             block = max(1, int(math.sqrt(query_block * point_block)))
-            best_d, best_i = _self_search(x, q_aug, x_aug, x_norms, slack, k, block, exact_dtype)
+            best_d, best_i = _self_search(x, q_aug, x_aug, slack, k, block, exact_dtype)
             return KNNResult(best_d.to(dtype), best_i)
         out_d = torch.empty(n, k, dtype=dtype, device=points.device)
         out_i = torch.empty(n, k, dtype=torch.long, device=points.device)
@@ -265,7 +267,6 @@ def _self_search(
     x: Tensor,
     q_aug: Tensor,
     x_aug: Tensor,
-    x_norms: Tensor,
     slack: Tensor,
     k: int,
     block: int,
@@ -273,10 +274,11 @@ def _self_search(
 ) -> tuple[Tensor, Tensor]:
     r"""Leave-one-out search of a set within itself, computing each product block once.
 
-    For row block ``I`` and column block ``J > I`` the product :math:`P_{ij} = \lVert x_j\rVert^2 -
-    2\langle x_i, x_j\rangle` also gives the transposed entries :math:`P_{ji} = P_{ij} +
-    \lVert x_i\rVert^2 - \lVert x_j\rVert^2`, so only the upper triangle of blocks is multiplied
-    (half the GEMM work). The two extra roundings are inside the slack's headroom.
+    The symmetric operands of :func:`_gemm_operands` give the full expanded distance
+    :math:`P_{ij} = \lVert x_i\rVert^2 + \lVert x_j\rVert^2 - 2\langle x_i, x_j\rangle = P_{ji}`, so
+    for row block ``I`` and column block ``J > I`` one product serves the rows of ``I`` and,
+    read by columns, the rows of ``J``: only the upper triangle of blocks is multiplied (half the
+    GEMM work).
 
     Returns ``(best_d [N, k] in exact_dtype, best_i [N, k])``.
     """
@@ -301,9 +303,8 @@ def _self_search(
             pending.append((rows + s, cols + t, vals))
             n_pending += rows.numel()
             if t > s:
-                prod.add_(x_norms[s:e, None])
                 running[t:u], rows, cols, vals = _block_candidates(
-                    prod, running[t:u], slack[t:u], row_offset=x_norms[t:u]
+                    prod, running[t:u], slack[t:u], transposed=True
                 )
                 pending.append((rows + t, cols + s, vals))
                 n_pending += rows.numel()
@@ -315,7 +316,7 @@ def _self_search(
 
 
 def _gemm_operands(
-    q: Tensor, x: Tensor, centre: Tensor, dtype: torch.dtype
+    q: Tensor, x: Tensor, centre: Tensor, dtype: torch.dtype, symmetric: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""Screening operands of centred data, in ``dtype`` (``c = centre``):
     ``[q - c, 1]`` ``[N, D+1]`` and ``[-2 (x - c), ||x - c||^2]`` ``[M, D+1]``.
@@ -323,10 +324,14 @@ def _gemm_operands(
     Their product is :math:`a_{ij} = \lVert x_j\rVert^2 - 2\langle q_i, x_j\rangle` in one GEMM, with
     no separate pass adding the norms (the scaling by -2 is exact). Also returns the squared norms
     ``[N]``, ``[M]`` of the centred ``q`` and ``x`` in ``dtype``.
+
+    ``symmetric=True`` (``q`` is ``x``) appends one more column each, ``||q - c||^2`` and ``1``: the
+    product is then the full expanded distance, symmetric in ``i, j``.
     """
     n, dim = q.shape
-    q_aug = torch.empty(n, dim + 1, dtype=dtype, device=q.device)
-    x_aug = torch.empty(x.shape[0], dim + 1, dtype=dtype, device=x.device)
+    extra = 2 if symmetric else 1
+    q_aug = torch.empty(n, dim + extra, dtype=dtype, device=q.device)
+    x_aug = torch.empty(x.shape[0], dim + extra, dtype=dtype, device=x.device)
     torch.sub(q, centre, out=q_aug[:, :dim])
     q_aug[:, dim] = 1.0
     torch.sub(x, centre, out=x_aug[:, :dim])
@@ -334,6 +339,9 @@ def _gemm_operands(
     x_norms = x_aug[:, :dim].square().sum(dim=1)
     x_aug[:, :dim].mul_(-2.0)
     x_aug[:, dim] = x_norms
+    if symmetric:
+        q_aug[:, dim + 1] = q_norms
+        x_aug[:, dim + 1] = 1.0
     return q_aug, x_aug, q_norms, x_norms
 
 
@@ -342,13 +350,13 @@ def _all_finite(*tensors: Tensor) -> bool:
 
 
 def _block_candidates(
-    approx: Tensor, running: Tensor, slack: Tensor, row_offset: Tensor | None = None
+    approx: Tensor, running: Tensor, slack: Tensor, transposed: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Candidates of one block of expanded distances.
 
-    The block is ``approx`` ``[rows, width]``, or, when ``row_offset`` ``[width]`` is given, the
-    transposed block ``approx.T - row_offset[:, None]`` ``[width, rows]`` (never materialised: the
-    other half of a symmetric self-search reuses the product).
+    The block is ``approx`` ``[rows, width]``, or with ``transposed=True`` its columns,
+    ``approx.T`` ``[width, rows]`` (never materialised: the other half of a symmetric
+    self-search reads the same product).
 
     ``running`` ``[rows, k]`` holds upper bounds of the k smallest entries seen so far (minima of
     distinct tiles of ``_TILE`` columns, so the k-th is >= the true k-th smallest entry; the exact
@@ -359,7 +367,6 @@ def _block_candidates(
     Returns the updated ``running``, and the flat ``(row, column)`` indices and expanded values of
     the block's candidates (values let a later, tighter bound drop candidates before the re-check).
     """
-    transposed = row_offset is not None
     rows, width = approx.shape[::-1] if transposed else approx.shape
     n_full = width // _TILE
     full_tiles = (
@@ -374,19 +381,16 @@ def _block_candidates(
         rest = approx[n_full * _TILE :].T if transposed else approx[:, n_full * _TILE :]
         parts.append(rest.amin(dim=1, keepdim=True))
     tile_min = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    if row_offset is not None:
-        tile_min = tile_min - row_offset[:, None]
     k = running.shape[1]
     if k == 1:
         running = torch.minimum(running, tile_min.amin(dim=1, keepdim=True))
     elif 4 * k <= tile_min.shape[1]:
         # Few neighbours relative to the tiles: the k-th smallest tile minimum is a tight bound.
-        running = torch.cat([running, tile_min], dim=1).topk(k, dim=1, largest=False).values
+        running = _k_smallest(torch.cat([running, tile_min], dim=1), k)
     else:
         # Many neighbours: tile minima would give a loose bound; take the block's exact top-k.
-        block = approx.T - row_offset[:, None] if row_offset is not None else approx
-        block_best = block.topk(min(k, width), dim=1, largest=False).values
-        running = torch.cat([running, block_best], dim=1).topk(k, dim=1, largest=False).values
+        block_best = _k_smallest(approx.T if transposed else approx, min(k, width))
+        running = _k_smallest(torch.cat([running, block_best], dim=1), k)
     # Finite, so that masked entries (+inf: a point's own index) are never candidates.
     threshold = (running.amax(dim=1) + slack).clamp_max(torch.finfo(approx.dtype).max)
     hit_r, hit_t = (tile_min <= threshold[:, None]).nonzero(as_tuple=True)
@@ -395,20 +399,14 @@ def _block_candidates(
         # Whole tiles are gathered as rows of 64 (contiguous unless transposed).
         full = hit_t < n_full
         fr, ft = hit_r[full], hit_t[full]
-        if row_offset is not None:
-            values = full_tiles[ft, :, fr] - row_offset[fr, None]
-        else:
-            values = full_tiles[fr, ft]
+        values = full_tiles[ft, :, fr] if transposed else full_tiles[fr, ft]
         kr, kc = (values <= threshold[fr, None]).nonzero(as_tuple=True)
         cand_r.append(fr[kr])
         cand_c.append(ft[kr] * _TILE + kc)
         cand_v.append(values[kr, kc])
     if width > n_full * _TILE:
         pr = hit_r[hit_t == n_full]
-        if row_offset is not None:
-            values = approx[n_full * _TILE :, pr].T - row_offset[pr, None]
-        else:
-            values = approx[pr, n_full * _TILE :]
+        values = approx[n_full * _TILE :, pr].T if transposed else approx[pr, n_full * _TILE :]
         kr, kc = (values <= threshold[pr, None]).nonzero(as_tuple=True)
         cand_r.append(pr[kr])
         cand_c.append(n_full * _TILE + kc)
@@ -416,6 +414,24 @@ def _block_candidates(
     if len(cand_r) == 1:
         return running, cand_r[0], cand_c[0], cand_v[0]
     return running, torch.cat(cand_r), torch.cat(cand_c), torch.cat(cand_v)
+
+
+def _k_smallest(values: Tensor, k: int) -> Tensor:
+    """``[rows, k]`` ascending k smallest entries of each row of ``values`` ``[rows, width]``.
+
+    Small k (the common case) takes k row minima, masking each winner: much cheaper on CPU than
+    a per-row partial sort for the short, many rows of a block's tile minima.
+    """
+    if k > 8:
+        return values.topk(k, dim=1, largest=False).values
+    work = values.clone()
+    out = torch.empty(values.shape[0], k, dtype=values.dtype, device=values.device)
+    for j in range(k):
+        best, where = work.min(dim=1, keepdim=True)
+        out[:, j : j + 1] = best
+        if j + 1 < k:
+            work.scatter_(1, where, float("inf"))
+    return out
 
 
 def _recheck(
