@@ -8,7 +8,7 @@ distance :math:`\\min_{g \\in G} \\lVert y - g z \\rVert^2`.
 class                  group                                                       dim / |G|
 =====================  ==========================================================  =========
 ``FiniteGroup``        a list of isometries (flips, 90-degree rotations, dihedral)  0 / |G|
-``CyclicShifts``       all circular shifts along some axes (FFT correlation)        0 / prod S
+``CyclicShifts``       all circular shifts along some axes (GEMM or FFT screen)     0 / prod S
 ``RigidMotions``       rotations (+ translations) of point clouds (Kabsch)          6 in 3-D
 ``Permutations``       reorderings of set elements (Hungarian); ``rigid=`` option   0 / n!
 =====================  ==========================================================  =========

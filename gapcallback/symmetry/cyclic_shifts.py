@@ -18,7 +18,7 @@ Two exact searches, chosen by a cost model (``method="auto"``) or by hand:
   \min_s \lVert \operatorname{roll}(y, s) - z\rVert` and the stacked query orbit (all
   :math:`\prod S` shifted copies) is searched against the points in one exact blocked-GEMM search
   (:func:`gapcallback.symmetry._search.stacked_orbit_knn`, exact float64 re-check by direct
-  difference). Cost per pair :math:`\propto |G| D`, at GEMM speed: at most :math:`|G|` plain searches.
+  difference). Cost per pair :math:`\propto |G| D`, at GEMM speed: about :math:`|G|` plain searches.
 * ``"fft"``: an FFT screen of all pairs, cost per pair :math:`O(C F + S \log S)` with :math:`F` the
   rfft size, at FFT speed. The screening runs in the inputs' precision (float32, or float64 when an
   input is) on data centred by a shift-invariant constant (the per-channel mean of ``points``), and

@@ -7,8 +7,8 @@ Search: because :math:`G` is a group of isometries,
 :math:`[g_1 Q; \dots; g_{|G|} Q]` is stacked and searched against the untouched points in *one*
 exact blocked-GEMM search (:func:`gapcallback.symmetry._search.stacked_orbit_knn`), then the minimum
 over :math:`g` is taken per point index and the k smallest distinct indices kept. The points'
-centring, norms and exact re-check are shared by all elements, so the cost is at most :math:`|G|`
-plain searches (the GEMM work is exactly :math:`|G|` times the plain one; measured 0.7-0.9
+centring, norms and exact re-check are shared by all elements, so the cost is about :math:`|G|`
+plain searches (the GEMM work is exactly :math:`|G|` times the plain one; measured 0.85-1.05
 :math:`|G|` on CPU, see ``benchmarks/symmetry/results.md``); memory: one chunk of the stacked query
 orbit (32 MiB), never :math:`N \times M \times |G|`.
 
