@@ -80,6 +80,9 @@ def stacked_orbit_knn(
     distance, so :math:`j` is among the k nearest of :math:`g^* y` (``k + 1`` with ``exclude_self``,
     where the query's own index is dropped afterwards) with its exact distance.
     """
+    if torch.float64 in (queries.dtype, points.dtype):
+        # One dtype for the orbit and the points: transform float32 queries in float64 too.
+        queries, points = queries.double(), points.double()
     n = queries.shape[0]
     m = points.shape[0]
     dim = points[0].numel()

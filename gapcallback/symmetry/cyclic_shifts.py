@@ -183,8 +183,6 @@ class CyclicShifts(Symmetry):
 
     def _knn_gemm(self, queries: Tensor, points: Tensor, k: int, exclude_self: bool) -> KNNResult:
         """Stacked shifted copies of the queries, one exact GEMM search (module docstring)."""
-        if torch.float64 in (queries.dtype, points.dtype):
-            queries, points = queries.double(), points.double()
         q = self._layout(queries)
         x = self._layout(points)
         sizes = tuple(q.shape[2:])

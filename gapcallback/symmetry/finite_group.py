@@ -206,9 +206,6 @@ class FiniteGroup(Symmetry):
     ) -> KNNResult:
         self.check_shape(points, "points")
         if self.is_group(points):
-            dtype = torch.float64 if torch.float64 in (queries.dtype, points.dtype) else None
-            if dtype is not None:  # one dtype for the stacked orbit and the points
-                queries, points = queries.to(dtype), points.to(dtype)
             return stacked_orbit_knn(
                 queries, points, k, exclude_self, self._query_orbit, self.order
             )
