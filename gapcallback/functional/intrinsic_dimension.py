@@ -191,7 +191,7 @@ def intrinsic_dimension_estimate(
             ``"mle"``: ``k`` (default 10).
             ``"calibrated"``: ``k`` (default 10), ``seed`` (simulation seed, default 0),
             ``references`` (reference families, a subset of :data:`REFERENCE_FAMILIES`; default
-            all; ``("sphere",)`` with ``k=5`` is the sphere-only calibration of version 0.1).
+            all; ``("sphere",)`` with ``k=5`` is a sphere-only calibration).
             ``"gap"``: ``p`` (2.0), ``holdout`` (0.2), ``sizes``, ``repeats`` (3),
             ``generator`` (a ``torch.Generator``; default seeded with 0).
 
