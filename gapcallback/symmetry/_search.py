@@ -41,6 +41,7 @@ from gapcallback.functional.knn import (
     KNNResult,
     _knn_exact,
 )
+from gapcallback.utils.checks import compute_dtype
 
 #: Elements of one stacked chunk of query images ``[|G| * B, D]`` (32 MiB in float32).
 STACK_BUDGET = 1 << 23
@@ -80,7 +81,7 @@ def stacked_orbit_knn(
     distance, so :math:`j` is among the k nearest of :math:`g^* y` (``k + 1`` with ``exclude_self``,
     where the query's own index is dropped afterwards) with its exact distance.
     """
-    if torch.float64 in (queries.dtype, points.dtype):
+    if compute_dtype(queries, points) == torch.float64:
         # One dtype for the orbit and the points: transform float32 queries in float64 too.
         queries, points = queries.double(), points.double()
     n = queries.shape[0]

@@ -253,7 +253,7 @@ class CyclicShifts(Symmetry):
                 n, m, k, exclude_self, points.device, screen, exact,
                 query_block=qb, point_block=pb,
             )  # fmt: skip
-        dtype = torch.float64 if torch.float64 in (queries.dtype, points.dtype) else torch.float32
+        dtype = compute_dtype(queries, points)
         return KNNResult(dists.to(dtype), idx)
 
     def _pair_exact(

@@ -30,6 +30,7 @@ from gapcallback.functional.knn import KNNResult
 from gapcallback.functional.knn import knn as _plain_knn
 from gapcallback.symmetry._search import merge_topk, stacked_orbit_knn
 from gapcallback.symmetry.base import Symmetry
+from gapcallback.utils.checks import compute_dtype
 
 __all__ = ["FiniteGroup"]
 
@@ -246,9 +247,7 @@ def knn_over_images(
             continue  # acts on the data as the identity: nothing new to search
         if best_d is None:
             first = moved
-            dtype = (
-                torch.float64 if torch.float64 in (queries.dtype, moved.dtype) else torch.float32
-            )
+            dtype = compute_dtype(queries, moved)
             best_d = torch.full((n, k), float("inf"), dtype=torch.float64, device=moved.device)
             best_i = torch.full((n, k), -1, dtype=torch.long, device=moved.device)
         res = _plain_knn(queries, moved, k, exclude_self=exclude_self)

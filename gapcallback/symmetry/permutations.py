@@ -39,6 +39,7 @@ from gapcallback.functional.knn import KNNResult
 from gapcallback.symmetry._search import bounded_search
 from gapcallback.symmetry.base import Symmetry
 from gapcallback.symmetry.rigid_motions import RigidMotions
+from gapcallback.utils.checks import compute_dtype
 from gapcallback.utils.precision import full_precision
 
 __all__ = ["Permutations"]
@@ -164,7 +165,7 @@ class Permutations(Symmetry):
                 n, m, k, exclude_self, points.device, screen, exact,
                 query_block=qb, point_block=pb, first_batch=k + 1,
             )  # fmt: skip
-        dtype = torch.float64 if torch.float64 in (queries.dtype, points.dtype) else torch.float32
+        dtype = compute_dtype(queries, points)
         return KNNResult(dists.to(dtype), idx)
 
     def _pair_distances(self, y: Tensor, z: Tensor) -> Tensor:
