@@ -41,6 +41,7 @@ from gapcallback.functional.knn import (
     KNNResult,
     _knn_exact,
 )
+from gapcallback.symmetry._central_split import central_split, split_orbit_knn
 from gapcallback.utils.checks import compute_dtype
 
 #: Elements of one stacked chunk of query images ``[|G| * B, D]`` (32 MiB in float32).
@@ -58,6 +59,7 @@ def stacked_orbit_knn(
     exclude_self: bool,
     images: Callable[[Tensor], Tensor],
     order: int,
+    permutations: Tensor | None = None,
 ) -> KNNResult:
     r"""Exact orbit kNN of a finite *group* by one plain search of the stacked query orbit.
 
@@ -72,6 +74,11 @@ def stacked_orbit_knn(
             group (closed under composition and inverses), so that transforming the queries
             instead of the points gives the same orbit distance.
         order: :math:`|G|`, to size the chunks.
+        permutations: optional ``[|G|, D]`` long, the group as permutations of the flattened
+            coordinates (``(g z)_t = z[permutations[g, t]]``). When the group has central
+            involutions, the search screens :math:`|G| / 2^r` coset images per query with one GEMM of
+            length :math:`D` each (:mod:`gapcallback.symmetry._central_split`) instead of
+            :math:`|G|` images; the result is the same.
 
     Returns:
         :class:`KNNResult` with squared orbit distances ``[N, k]`` (ascending, ties: lower index).
@@ -89,6 +96,13 @@ def stacked_orbit_knn(
     dim = points[0].numel()
     x = points.reshape(m, dim)
     k_search = min(m, k + 1) if exclude_self else k
+    split = central_split(permutations) if permutations is not None else None
+    if split is not None:
+        d, i = split_orbit_knn(queries.reshape(n, dim), x, k_search, split, _DEFAULT_QUERY_BLOCK)
+        if exclude_self:
+            own = torch.arange(n, device=i.device)[:, None]
+            d = d.masked_fill(i == own, float("inf"))
+        return KNNResult(*_distinct_topk(d, i, k))
     chunk = max(1, min(n, STACK_BUDGET // max(1, order * dim)))
     out_d: list[Tensor] = []
     out_i: list[Tensor] = []

@@ -193,7 +193,10 @@ class CyclicShifts(Symmetry):
             flat = chunk.reshape(chunk.shape[0], chunk.shape[1], n_shifts)
             return flat[:, :, src].permute(2, 0, 1, 3)
 
-        return stacked_orbit_knn(q, x, k, exclude_self, shifted, n_shifts)
+        channels = q.shape[1]
+        offsets = torch.arange(channels, device=q.device)[:, None] * n_shifts  # [C, 1]
+        perms = (offsets[None] + src[:, None, :]).reshape(n_shifts, channels * n_shifts)
+        return stacked_orbit_knn(q, x, k, exclude_self, shifted, n_shifts, permutations=perms)
 
     def _knn_fft(self, queries: Tensor, points: Tensor, k: int, exclude_self: bool) -> KNNResult:
         """FFT cross-correlation screen with an exact re-check (module docstring)."""

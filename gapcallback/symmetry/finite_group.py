@@ -85,6 +85,7 @@ class FiniteGroup(Symmetry):
             *(names or [f"g{i + 1}" for i in range(len(transforms))]),
         ]
         self._closed: dict[tuple, bool] = {}  # is_group result per (shape, dtype, device)
+        self._perms: dict[tuple, Tensor | None] = {}  # coordinate permutations per shape
 
     @property
     def order(self) -> int:  # type: ignore[override]
@@ -202,14 +203,51 @@ class FiniteGroup(Symmetry):
             self._closed[key] = closed
         return self._closed[key]
 
+    def coordinate_permutations(self, x: Tensor) -> Tensor | None:
+        """``[|G|, D]`` long permutations ``p_g`` with ``g(z).flatten() == z.flatten()[p_g]`` for
+        points shaped like ``x``, or ``None`` when some transform is not a permutation of entries.
+
+        Read off by transforming the code point ``arange(D)`` and confirmed on a random probe point
+        in ``x``'s dtype (a map that is not a fixed permutation of entries fails it). Flips, 90-degree
+        rotations, transposes and shifts are permutations; the answer is cached per point shape.
+        """
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._perms:
+            self._perms[key] = self._find_permutations(x)
+        return self._perms[key]
+
+    def _find_permutations(self, x: Tensor) -> Tensor | None:
+        dim = x[0].numel()
+        code_dtype = torch.float32 if x.device.type == "mps" else torch.float64
+        if dim >= 2**24 or not x.is_floating_point():
+            return None
+        code = torch.arange(dim, dtype=code_dtype, device=x.device).reshape(1, *x.shape[1:])
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        probe = torch.randn(1, *x.shape[1:], generator=gen).to(device=x.device, dtype=x.dtype)
+        ident = torch.arange(dim, device=x.device)
+        perms = []
+        for g in range(self.order):
+            try:
+                moved = self.transforms[g](code).reshape(-1)
+                p = moved.round().long()
+                if not torch.equal(moved, p.to(code_dtype)) or not torch.equal(p.sort()[0], ident):
+                    return None
+                if not torch.equal(self.transforms[g](probe).reshape(-1), probe.reshape(-1)[p]):
+                    return None
+            except (RuntimeError, TypeError, ValueError):
+                return None
+            perms.append(p)
+        return torch.stack(perms)
+
     def knn(
         self, queries: Tensor, points: Tensor, k: int, *, exclude_self: bool = False
     ) -> KNNResult:
         self.check_shape(points, "points")
         if self.is_group(points):
             return stacked_orbit_knn(
-                queries, points, k, exclude_self, self._query_orbit, self.order
-            )
+                queries, points, k, exclude_self, self._query_orbit, self.order,
+                permutations=self.coordinate_permutations(points),
+            )  # fmt: skip
         return knn_over_images(
             queries, (self.apply(points, g) for g in range(self.order)), k, exclude_self
         )
