@@ -9,7 +9,10 @@ direct difference) of the stacked query orbit :math:`[\,g_1 Q; \dots; g_{|G|} Q\
 untouched points, followed by a minimum over :math:`g` per point index. The GEMM work is exactly
 :math:`|G|` times the plain search's; the centring, norms and re-check of the points are shared by all
 group elements, and the queries are processed in chunks so the stacked orbit stays within a fixed
-memory budget (never :math:`N \times M \times |G|`).
+memory budget (never :math:`N \times M \times |G|`). Groups of coordinate permutations with central
+involutions (``permutations=``) take the cheaper split search of
+:mod:`gapcallback.symmetry._central_split`: :math:`|G| / 2^r` coset images per query, each screened
+against all :math:`2^r` images of the involution subgroup by one GEMM of length :math:`D`.
 
 Pair-by-pair bounds (:func:`bounded_search`)
 --------------------------------------------

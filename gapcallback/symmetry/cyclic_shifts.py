@@ -18,7 +18,10 @@ Two exact searches, chosen by a cost model (``method="auto"``) or by hand:
   \min_s \lVert \operatorname{roll}(y, s) - z\rVert` and the stacked query orbit (all
   :math:`\prod S` shifted copies) is searched against the points in one exact blocked-GEMM search
   (:func:`gapcallback.symmetry._search.stacked_orbit_knn`, exact float64 re-check by direct
-  difference). Cost per pair :math:`\propto |G| D`, at GEMM speed: about :math:`|G|` plain searches.
+  difference). Each axis of even size :math:`n` adds a central involution (the half shift by
+  :math:`n/2`), and :mod:`gapcallback.symmetry._central_split` screens the :math:`2^r` images of
+  such a subgroup with one GEMM of length :math:`D`: cost per pair :math:`\propto |G| D / 2^r`, at
+  GEMM speed, about :math:`|G| / 2^r` plain searches.
 * ``"fft"``: an FFT screen of all pairs, cost per pair :math:`O(C F + S \log S)` with :math:`F` the
   rfft size, at FFT speed. The screening runs in the inputs' precision (float32, or float64 when an
   input is) on data centred by a shift-invariant constant (the per-channel mean of ``points``), and
@@ -28,7 +31,7 @@ Two exact searches, chosen by a cost model (``method="auto"``) or by hand:
 
 Both are exact (shifted duplicates give exactly 0); memory is bounded by blocks. The cost model
 (per pair, microseconds, calibrated on one x86 CPU thread; see ``benchmarks/symmetry/results.md``)
-compares :math:`0.04 + 1.1 \cdot 10^{-4}\, |G| D` for ``"gemm"`` with
+compares :math:`0.04 + 1.1 \cdot 10^{-4}\, |G| D / 2^r` for ``"gemm"`` with
 :math:`a_{n} + w_C F + c_{n} S \log_2 S` for ``"fft"`` (:math:`a_1 = 0.1`, :math:`c_1 = 7 \cdot
 10^{-4}` for 1-D shifts, :math:`a_2 = 0.3`, :math:`c_2 = 1.3 \cdot 10^{-3}` for 2-D and more;
 :math:`w_1 = 0.002`, :math:`w_C = 0.006\,C` for :math:`C > 1` channels). In practice: short signals
@@ -46,6 +49,7 @@ import torch
 from torch import Tensor
 
 from gapcallback.functional.knn import KNNResult
+from gapcallback.symmetry._central_split import MAX_INVOLUTIONS, MIN_WIDTH
 from gapcallback.symmetry._search import bounded_search, stacked_orbit_knn
 from gapcallback.symmetry.base import Symmetry
 from gapcallback.symmetry.finite_group import _point_dims
@@ -153,7 +157,7 @@ class CyclicShifts(Symmetry):
         dim = x[0].numel()
         channels = dim // n_shifts
         f_size = n_shifts // sizes[-1] * (sizes[-1] // 2 + 1)
-        gemm = 0.04 + 1.1e-4 * n_shifts * dim
+        gemm = 0.04 + 1.1e-4 * n_shifts * dim / 2 ** _central_involutions(sizes, dim)
         a, c = (0.1, 7e-4) if len(sizes) == 1 else (0.3, 1.3e-3)
         w = 0.002 if channels == 1 else 0.006 * channels
         fft = a + w * f_size + c * n_shifts * math.log2(max(n_shifts, 2))
@@ -326,3 +330,11 @@ class CyclicShifts(Symmetry):
 
     def __repr__(self) -> str:
         return f"CyclicShifts(dims={self.dims})"
+
+
+def _central_involutions(sizes: Sequence[int], dim: int) -> int:
+    """``r``: independent half shifts (one per even axis) the central split uses for this shape."""
+    r = min(sum(1 for n in sizes if n % 2 == 0), MAX_INVOLUTIONS)
+    while r and 2**r > dim // MIN_WIDTH:
+        r -= 1
+    return r

@@ -7,10 +7,14 @@ Search: because :math:`G` is a group of isometries,
 :math:`[g_1 Q; \dots; g_{|G|} Q]` is stacked and searched against the untouched points in *one*
 exact blocked-GEMM search (:func:`gapcallback.symmetry._search.stacked_orbit_knn`), then the minimum
 over :math:`g` is taken per point index and the k smallest distinct indices kept. The points'
-centring, norms and exact re-check are shared by all elements, so the cost is about :math:`|G|`
-plain searches (the GEMM work is exactly :math:`|G|` times the plain one; measured 0.85-1.05
-:math:`|G|` on CPU, see ``benchmarks/symmetry/results.md``); memory: one chunk of the stacked query
-orbit (32 MiB), never :math:`N \times M \times |G|`.
+centring, norms and exact re-check are shared by all elements, so the cost is at most about
+:math:`|G|` plain searches (the GEMM work of the stacked search is exactly :math:`|G|` times the plain
+one); memory: one chunk of the stacked query orbit (32 MiB), never :math:`N \times M \times |G|`.
+When every transform permutes the entries of a point (:meth:`FiniteGroup.coordinate_permutations`)
+and the group has central involutions (the flip, the rotation by 180 degrees), each GEMM of length
+:math:`D` screens :math:`2^r` group elements at once (:mod:`gapcallback.symmetry._central_split`):
+measured 0.62-0.82 :math:`|G|` plain searches for flips, rotations and the dihedral group
+(``benchmarks/symmetry/results.md``).
 
 Group check: closure under composition is verified once per point shape on a random probe point
 (:math:`g(h(p))` must be some :math:`f(p)`). A set of transforms that is *not* a group falls back to one
