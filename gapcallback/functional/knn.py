@@ -449,12 +449,19 @@ def _recheck(
     """
     if not pending:
         return best_d, best_i
+    rows, cols = _surviving(pending, bound)
+    dists = _direct_sq_dists(q, x, rows, cols, best_d.dtype)
+    return _merge_topk(best_d, best_i, rows, dists, cols, best_d.shape[1])
+
+
+def _surviving(
+    pending: list[tuple[Tensor, Tensor, Tensor]], bound: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(rows, cols)`` of the pending ``(row, col, value)`` candidates with ``value <= bound[row]``."""
     rows = torch.cat([c[0] for c in pending])
     cols = torch.cat([c[1] for c in pending])
     keep = torch.cat([c[2] for c in pending]) <= bound[rows]
-    rows, cols = rows[keep], cols[keep]
-    dists = _direct_sq_dists(q, x, rows, cols, best_d.dtype)
-    return _merge_topk(best_d, best_i, rows, dists, cols, best_d.shape[1])
+    return rows[keep], cols[keep]
 
 
 def _direct_sq_dists(

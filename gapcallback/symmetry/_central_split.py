@@ -59,6 +59,7 @@ from gapcallback.functional.knn import (
     _block_candidates,
     _exact_dtype,
     _merge_topk,
+    _surviving,
 )
 from gapcallback.utils.checks import compute_dtype
 from gapcallback.utils.precision import full_precision
@@ -334,10 +335,7 @@ def _recheck_orbit(
     """
     if not pending:
         return best_d, best_i
-    rows = torch.cat([p[0] for p in pending])
-    cols = torch.cat([p[1] for p in pending])
-    keep = torch.cat([p[2] for p in pending]) <= bound[rows]
-    rows, cols = rows[keep], cols[keep]
+    rows, cols = _surviving(pending, bound)
     dists = torch.empty(rows.shape[0], dtype=best_d.dtype, device=y.device)
     n_e, dim = elements.shape
     flat = elements.reshape(-1)
