@@ -207,3 +207,16 @@ def test_coordinate_permutations_of_the_built_in_groups():
         for g, p in enumerate(perms):
             assert torch.equal(sym.apply(code, g).reshape(-1), code.reshape(-1)[p])
     assert len({tuple(p.tolist()) for p in perms}) == 8
+
+
+def test_factorisation_is_cached_by_value_not_by_address():
+    perms = group_perms("dihedral", (1, 6, 6))
+    first = central_split(perms)
+    again = central_split(perms.clone())  # equal values, other memory: the cached result
+    assert again is first
+    other = central_split(group_perms("rot90", (1, 6, 6)))  # same shape, other group
+    assert other is not first and other.cosets.shape[0] * other.involutions.shape[0] == 4
+    for _ in range(split_module._CACHE_SIZE + 1):  # relabelled copies: the cache stays bounded
+        tau = torch.randperm(perms.shape[1])
+        assert central_split(tau.argsort()[perms[:, tau]]) is not None
+    assert len(split_module._CACHE) <= split_module._CACHE_SIZE

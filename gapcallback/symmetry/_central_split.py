@@ -107,9 +107,32 @@ def compose(p_g: Tensor, p_h: Tensor) -> Tensor:
     return p_h[p_g]
 
 
+#: Factorisations kept by :func:`central_split`: (device, shape, hash) -> (perms, split).
+_CACHE_SIZE = 16
+_CACHE: dict[tuple, tuple[Tensor, CentralSplit | None]] = {}
+
+
 def central_split(perms: Tensor) -> CentralSplit | None:
     """Factor the permutation group ``perms`` ``[|G|, D]`` (a group, identity included) by a maximal
-    elementary abelian 2-subgroup of central involutions, or ``None`` when it has none."""
+    elementary abelian 2-subgroup of central involutions, or ``None`` when it has none.
+
+    The factorisation costs :math:`O(|G|^2 D)` comparisons, so the last :data:`_CACHE_SIZE` results
+    are kept, keyed by the permutations themselves (compared entry by entry, never by address): a
+    search repeated on points of one shape (every evaluation of a callback) factors its group once.
+    """
+    key = (perms.device, tuple(perms.shape), hash(perms.cpu().numpy().tobytes()))
+    hit = _CACHE.get(key)
+    if hit is not None and torch.equal(hit[0], perms):
+        return hit[1]
+    split = _factor(perms)
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))  # the oldest entry
+    _CACHE[key] = (perms.clone(), split)
+    return split
+
+
+def _factor(perms: Tensor) -> CentralSplit | None:
+    """Uncached :func:`central_split`."""
     perms = torch.unique(perms, dim=0)
     order, dim = perms.shape
     ident = torch.arange(dim, device=perms.device)
