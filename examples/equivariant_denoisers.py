@@ -1,41 +1,43 @@
-"""Equivariance and the gap: a circular-convolution denoiser vs an MLP denoiser (issue 5).
+"""Equivariance and the gap: circular-convolution denoisers vs an MLP denoiser (issue 5).
 
     python examples/equivariant_denoisers.py                    # n = 4, 8, 16 training signals
-    python examples/equivariant_denoisers.py --sizes 8 --steps 1500
+    python examples/equivariant_denoisers.py --sizes 8 --models mlp memory
 
-Both diffusion models (EDM-preconditioned denoisers, deterministic probability-flow sampler) are
-trained on the same few circular 1-D signals (two bumps at random positions, length 32). The
-convolutional model is exactly equivariant to circular shifts (its layers are full-width circular
-convolutions, computed as per-frequency channel mixing), so at optimality it produces the orbit
-G(D) of its training set; the MLP produces D itself. Two ``GapCallback``\\ s watch each run: one with
-plain distances (``plain/...``) and one with ``symmetry=CyclicShifts()`` (``orbit/...``).
+Three diffusion models (deterministic probability-flow sampler) are trained on the same few
+circular 1-D signals (two bumps at random positions, length 32):
+
+* ``memory``: ``CircularMemoryNet``, a circular cross-correlation with 32 learned filters, a softmax
+  over filters and shifts, and a circular convolution back. It is exactly equivariant to circular
+  shifts and can express its optimum (with the training set as filters it *is* the ideal
+  equivariant denoiser over the orbit G(D)); training starts from random filters;
+* ``conv``: a stack of full-width circular convolutions (per-frequency channel mixing) with SiLU,
+  also exactly equivariant, EDM-preconditioned;
+* ``mlp``: an unconstrained MLP, EDM-preconditioned.
+
+Two ``GapCallback``\\ s watch each run: one with plain distances (``plain/...``) and one with
+``symmetry=CyclicShifts()`` (``orbit/...``).
 
 What to look for (printed, in ``equivariant_denoisers.png`` and ``equivariant_denoisers.md``):
 
-* the lines: R(ref, D), the memorization gap of a model that reproduces D (plain law), and
-  R(ref, G(D)) = the orbit gap of D, that of a model that reproduces the orbit G(D) (quotient law:
-  for this finite group R^G_n ~ R_{|G| n}). The ideal equivariant model (closed-form score over G(D),
-  ``sample_ideal_diffusion``) with the same number of samples is drawn as crosses: it is the optimum
-  the conv model converges to, and it sits on the quotient line;
-* plain distances: the MLP's gap runs along the plain law (0.74-0.83 of it), the conv model's along
-  the quotient law (0.80-0.89 of it), 2.8-3.5x below the MLP;
-* ``symmetry=CyclicShifts()``: the conv model's orbit gap follows the quotient line at a nearly
-  constant fraction (0.63-0.69 at n = 4, 8, 16 with the defaults), rising towards it during
-  training (right panel): after 1500 steps it is not at the optimum yet and still places some
-  samples between the training orbits (the orbit callback's ``gap/memorized_fraction`` falls from
-  0.79 at n = 4 to 0.08 at n = 16).
+* the lines: R(ref, D), the gap of a model that reproduces D (plain law), and R(ref, G(D)) = the
+  orbit gap of D, that of a model that reproduces the orbit G(D) (quotient law: for this finite
+  group R^G_n ~ R_{|G| n}). The ideal equivariant model (closed-form score over G(D),
+  ``sample_ideal_diffusion``) with the same number of samples is drawn as crosses;
+* the memory model follows the quotient law: its orbit gap is 0.99 / 1.02 / 1.08 of R(ref, G(D))
+  at n = 4 / 8 / 16 and its plain gap lies on the same line, 3.1-3.5x below the plain line (at
+  n = 16 a few close pairs of training orbits share one learned filter);
+* the conv stack, after 1500 steps, is short of its optimum: its orbit gap runs parallel to the
+  quotient line at 0.63-0.69 of it (it still places samples between training orbits) and rises
+  towards it with training; the MLP's plain gap runs along the plain law (0.74-0.83 of it),
+  2.3-3.5x above the equivariant models.
 
-Why the previous version (200 samples) showed the conv gap "plateauing above the line" at n = 8, 16:
-with M samples a model can cover at most M of the |G| n = 256, 512 orbit points, so the plain gap has
-a finite-sample floor; the ideal equivariant model itself gets 1.04 and 1.05 there with 200 samples
-(the conv model's plateau), 0.85 and 0.74 with 1024, 0.844 and 0.715 with 4000. Orbit distances
-have no such floor (one sample stands for its whole orbit). The defaults therefore draw 1024
-samples and a wider conv (64 channels, 4 layers, cosine learning-rate decay), which moves its
-samples closer to G(D).
+Draw enough samples: M samples cover at most M of the |G| n orbit points, so plain distances have
+a finite-sample floor (the ideal equivariant model gets 1.04 instead of 0.84 at n = 8 with 200
+samples); orbit distances have none. The defaults draw 1024.
 
 Measured with the defaults: ``benchmarks/symmetry/equivariant_denoisers.md`` (one CPU thread of a
-shared machine: 13 s per MLP and 106-110 s per conv model where the run was not paused, 9.2 min
-wall in all; ``--threads 2`` for two cores).
+shared machine: 10-14 s per MLP, 29-31 s per memory model, 101-105 s per conv stack, 7.3 min in
+all; ``--threads 2`` for two cores).
 """
 
 from __future__ import annotations
@@ -103,6 +105,44 @@ class ConvNet(nn.Module):
         return self.head(h)[:, 0]
 
 
+class CircularMemoryNet(nn.Module):
+    r"""Translation-equivariant denoiser that can express its optimum: circular convolutions around a
+    softmax over filters and shifts.
+
+    .. math::
+
+        D(x, \sigma) = \sum_{c, t} w_{c t}\, S_t p_c, \qquad
+        w = \operatorname{softmax}_{c, t}\Big(\frac{\langle x, S_t p_c\rangle
+            - \lVert p_c\rVert^2 / 2}{\sigma^2} + b_c\Big),
+
+    with ``C`` learned filters ``p_c`` ``[C, L]`` (random at initialisation), learned log-weights
+    ``b_c`` and ``S_t`` the circular shift by ``t``. The scores ``<x, S_t p_c>`` for all ``t`` are
+    one circular cross-correlation and the output one circular convolution (both by FFT), so
+    ``D(S x) = S D(x)`` exactly. With ``p = D`` and ``b = 0`` it *is* the ideal equivariant denoiser
+    over ``G(D)`` (Kamb & Ganguli 2025); training has to find the filters from the denoising loss
+    alone. It returns the denoised signal itself (no EDM preconditioning).
+    """
+
+    predicts_clean = True
+
+    def __init__(self, filters: int = 32, length: int = LENGTH):
+        super().__init__()
+        self.filters = nn.Parameter(0.3 * torch.randn(filters, length))
+        self.log_weights = nn.Parameter(torch.zeros(filters))
+        self.length = length
+
+    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+        spec = torch.fft.rfft(self.filters, dim=-1)  # [C, F]
+        scores = torch.fft.irfft(  # [B, C, L]: <x, S_t p_c>
+            torch.fft.rfft(x, dim=-1)[:, None, :] * spec.conj(), n=self.length, dim=-1
+        )
+        energy = scores - 0.5 * self.filters.square().sum(dim=1)[None, :, None]
+        logits = energy / sigma[:, None, None] ** 2 + self.log_weights[None, :, None]
+        weights = torch.softmax(logits.flatten(1), dim=1).view_as(scores)
+        out = torch.fft.rfft(weights, dim=-1) * spec  # sum_t w_ct S_t p_c, per filter
+        return torch.fft.irfft(out.sum(dim=1), n=self.length, dim=-1)
+
+
 class MLPNet(nn.Module):
     """Unconstrained denoiser body."""
 
@@ -123,15 +163,29 @@ class Denoiser(L.LightningModule):
     """EDM-preconditioned diffusion model (Karras et al. 2022) with a ``sample(n)`` method."""
 
     def __init__(
-        self, body: nn.Module, lr: float = 2e-3, sample_steps: int = 24, total_steps: int = 0
+        self,
+        body: nn.Module,
+        lr: float = 2e-3,
+        sample_steps: int = 24,
+        total_steps: int = 0,
+        p_mean: float = -1.0,
+        p_std: float = 1.2,
+        p_mean_start: float | None = None,
     ):
         super().__init__()
         self.body = body
         self.lr = lr
         self.sample_steps = sample_steps
         self.total_steps = total_steps  # > 0: cosine decay of the learning rate to 0
+        # Training noise levels: log sigma ~ N(p_mean, p_std^2); with p_mean_start, the mean moves
+        # linearly from it to p_mean over the first 70% of training (coarse to fine).
+        self.p_mean = p_mean
+        self.p_std = p_std
+        self.p_mean_start = p_mean_start
 
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        if getattr(self.body, "predicts_clean", False):
+            return self.body(x, sigma)
         s2 = sigma[:, None] ** 2 + SIGMA_DATA**2
         c_skip = SIGMA_DATA**2 / s2
         c_out = sigma[:, None] * SIGMA_DATA / s2.sqrt()
@@ -139,7 +193,11 @@ class Denoiser(L.LightningModule):
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         (x0,) = batch
-        sigma = (torch.randn(x0.shape[0], device=x0.device) * 1.2 - 1.0).exp()
+        p_mean = self.p_mean
+        if self.p_mean_start is not None and self.total_steps > 0:
+            progress = min(1.0, self.global_step / (0.7 * self.total_steps))
+            p_mean = self.p_mean_start + (self.p_mean - self.p_mean_start) * progress
+        sigma = (torch.randn(x0.shape[0], device=x0.device) * self.p_std + p_mean).exp()
         noisy = x0 + sigma[:, None] * torch.randn_like(x0)
         weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
         loss = (weight[:, None] * (self.denoise(noisy, sigma) - x0) ** 2).mean()
@@ -164,16 +222,32 @@ class Denoiser(L.LightningModule):
         return self.denoise(x, torch.full((n,), float(sigmas[-1]), device=self.device))
 
 
+MODELS = {
+    # name: (label, body, training settings); steps=None: --steps
+    "mlp": ("MLP", MLPNet, dict(steps=None, lr=None)),
+    "conv": ("circular conv stack", ConvNet, dict(steps=None, lr=None)),
+    "memory": (
+        "circular conv + softmax over shifts", CircularMemoryNet,
+        dict(steps=4000, lr=1e-2, p_mean=-2.5, p_std=1.0, p_mean_start=1.0, clip=1.0),
+    ),
+}  # fmt: skip
+
+
 def train_one(kind: str, train: Tensor, reference: Tensor, args: argparse.Namespace) -> dict:
     """Train one model with a plain and an orbit GapCallback; return their final values."""
     L.seed_everything(args.seed, verbose=False)
-    body = ConvNet() if kind == "conv" else MLPNet()
-    model = Denoiser(body, lr=args.lr, total_steps=args.steps)
+    _, body_class, settings = MODELS[kind]
+    steps = settings["steps"] or args.steps
+    model = Denoiser(
+        body_class(), lr=settings["lr"] or args.lr, total_steps=steps,
+        p_mean=settings.get("p_mean", -1.0), p_std=settings.get("p_std", 1.2),
+        p_mean_start=settings.get("p_mean_start"),
+    )  # fmt: skip
     repeats = max(1, args.batch_size * args.steps_per_epoch // train.shape[0])
     loader = DataLoader(
         TensorDataset(train.repeat(repeats, 1)), batch_size=args.batch_size, shuffle=True
     )
-    epochs = max(1, args.steps // args.steps_per_epoch)
+    epochs = max(1, steps // args.steps_per_epoch)
     common = dict(
         train=train, num_samples=args.num_samples, every_n_epochs=max(1, epochs // 3),
         law=False, dimension_method=None, log_figure=False, progress=False, seed=args.seed,
@@ -183,7 +257,7 @@ def train_one(kind: str, train: Tensor, reference: Tensor, args: argparse.Namesp
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[plain, orbit],
+        callbacks=[plain, orbit], gradient_clip_val=settings.get("clip"),
     )  # fmt: skip
     trainer.fit(model, loader)
     out = {"history_plain": [], "history_orbit": []}
@@ -201,7 +275,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--n-reference", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--steps", type=int, default=1500, help="MLP and conv stack")
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam, cosine decay to 0")
     parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -238,7 +313,7 @@ def main() -> None:
             "law_orbit": law_orbit,
             "ideal_equivariant_plain": float(representation_gap(reference, ideal)),
         }
-        for kind in ("mlp", "conv"):
+        for kind in args.models:
             t0 = time.perf_counter()
             row[kind] = train_one(kind, train, reference, args)
             print(
@@ -250,60 +325,66 @@ def main() -> None:
         results.append(row)
     minutes = (time.perf_counter() - t_start) / 60
     torch.save(results, args.out / "results.pt")
-    figure(results, args.out / "equivariant_denoisers.png")
+    figure(results, args.models, args.out / "equivariant_denoisers.png")
     report(results, args, minutes, args.out / "equivariant_denoisers.md")
     print(f"figure: {args.out / 'equivariant_denoisers.png'}; table: equivariant_denoisers.md")
 
 
 def report(results: list[dict], args: argparse.Namespace, minutes: float, path: Path) -> None:
     """Markdown table of the final gaps (the figures quoted in the docs)."""
+    steps = {k: MODELS[k][2]["steps"] or args.steps for k in args.models}
     lines = [
-        "# Equivariant vs MLP denoiser: final gaps (examples/equivariant_denoisers.py)",
+        "# Equivariant vs MLP denoisers: final gaps (examples/equivariant_denoisers.py)",
         "",
         f"Circular 1-D signals of length {LENGTH} (two bumps at random positions), "
-        f"{args.n_reference} references, {args.steps} Adam steps per model (lr {args.lr:g}, cosine "
-        f"decay), {args.num_samples} samples per evaluation, 24-step probability-flow sampler, "
-        f"{args.threads} CPU thread(s), {minutes:.1f} min in all. `R(ref, D)`: plain gap of the training "
-        "set (plain law: a model that reproduces D); `R(ref, G(D))`: orbit gap of the training set "
-        "under `CyclicShifts()` = plain gap of the orbit G(D) (quotient law: a model that "
-        "reproduces G(D)); `ideal eq.`: plain gap of the closed-form ideal equivariant model "
+        f"{args.n_reference} references, Adam with cosine decay "
+        f"({', '.join(f'{MODELS[k][0]}: {steps[k]} steps' for k in args.models)}), "
+        f"{args.num_samples} samples per evaluation, 24-step probability-flow sampler, "
+        f"{args.threads} CPU thread(s), {minutes:.1f} min in all. `R(ref, D)`: plain gap of the "
+        "training set (plain law: a model that reproduces D); `R(ref, G(D))`: orbit gap of the "
+        "training set under `CyclicShifts()` = plain gap of the orbit G(D) (quotient law: a model "
+        "that reproduces G(D)); `ideal eq.`: plain gap of the closed-form ideal equivariant model "
         f"(`sample_ideal_diffusion(..., symmetry=CyclicShifts())`) with the same {args.num_samples} "
-        "samples; `memorized`: the orbit callback's `gap/memorized_fraction`. "
-        "Figure: `equivariant_denoisers.png`.",
+        "samples. Per model: plain gap, orbit gap (`symmetry=CyclicShifts()`), orbit gap / "
+        "R(ref, G(D)). Figure: `equivariant_denoisers.png`.",
         "",
-        "| n | R(ref, D) | R(ref, G(D)) | ideal eq. plain gap | MLP plain gap | conv plain gap "
-        "| MLP orbit gap | conv orbit gap | conv orbit gap / R(ref, G(D)) | conv memorized |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| n | R(ref, D) | R(ref, G(D)) | ideal eq. plain gap | "
+        + " | ".join(f"{MODELS[k][0]}: plain / orbit / orbit ÷ R(ref, G(D))" for k in args.models)
+        + " |",
+        "|---:|---:|---:|---:|" + "---:|" * len(args.models),
     ]
     for r in results:
+        cells = [
+            f"{r[k]['plain_observed']:.3f} / {r[k]['orbit_observed']:.3f} / "
+            f"{r[k]['orbit_observed'] / r['law_orbit']:.2f}"
+            for k in args.models
+        ]
         lines.append(
             f"| {r['n']} | {r['law_plain']:.3f} | {r['law_orbit']:.3f} | "
-            f"{r['ideal_equivariant_plain']:.3f} | {r['mlp']['plain_observed']:.3f} | "
-            f"{r['conv']['plain_observed']:.3f} | {r['mlp']['orbit_observed']:.3f} | "
-            f"{r['conv']['orbit_observed']:.3f} | "
-            f"{r['conv']['orbit_observed'] / r['law_orbit']:.2f} | "
-            f"{r['conv']['orbit_memorized']:.2f} |"
+            f"{r['ideal_equivariant_plain']:.3f} | " + " | ".join(cells) + " |"
         )
     path.write_text("\n".join(lines) + "\n")
 
 
-def figure(results: list[dict], path: Path) -> None:
+STYLE = {"mlp": ("o", "C0"), "conv": ("s", "C3"), "memory": ("D", "C2")}
+
+
+def figure(results: list[dict], models: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_p, ax_o, ax_t) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (ax_p, ax_o, ax_t) = plt.subplots(1, 3, figsize=(16, 4.5))
     ns = [r["n"] for r in results]
     for ax, name in ((ax_p, "plain"), (ax_o, "orbit")):
         if name == "plain":
             ax.plot(ns, [r["law_plain"] for r in results], "k--", label="R(ref, D): plain law")
         ax.plot(ns, [r["law_orbit"] for r in results], "k:", label="R(ref, G(D)): quotient law")
-        ax.plot(ns, [r["mlp"][f"{name}_observed"] for r in results], "o-", c="C0", label="MLP")
-        ax.plot(
-            ns, [r["conv"][f"{name}_observed"] for r in results], "s-", c="C3",
-            label="circular conv",
-        )  # fmt: skip
+        for kind in models:
+            marker, color = STYLE[kind]
+            gaps = [r[kind][f"{name}_observed"] for r in results]
+            ax.plot(ns, gaps, marker + "-", c=color, label=MODELS[kind][0])
         ax.set(xscale="log", yscale="log", xlabel="training signals n", ylabel=f"{name} gap")
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -316,7 +397,8 @@ def figure(results: list[dict], path: Path) -> None:
     ax_p.legend(fontsize=8)
     ax_o.legend(fontsize=8)
     last = results[-1]
-    for kind, color in (("mlp", "C0"), ("conv", "C3")):
+    for kind in models:
+        _, color = STYLE[kind]
         for name, style in (("plain", "-"), ("orbit", ":")):
             steps, gaps = zip(*last[kind][f"history_{name}"], strict=True)
             ax_t.plot(steps, gaps, style, c=color, marker="o", ms=3, label=f"{kind}, {name} gap")
