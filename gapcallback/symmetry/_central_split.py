@@ -248,8 +248,6 @@ def split_orbit_knn(
     m = points.shape[0]
     n_e = split.involutions.shape[0]
     n_h = split.cosets.shape[0]
-    # Eigenspace coordinates in the input's precision (float64 inputs: float64, then rounded).
-    work = dtype
     # (h e) as one permutation per pair, for the exact re-check of a coset image's E-orbit.
     elements = split.cosets[:, split.involutions]  # [|H|, 2^r, D]: p_h[p_e]
     with full_precision(device.type):
@@ -257,10 +255,11 @@ def split_orbit_knn(
         x = points.to(dtype)
         # A G-invariant centre: g (z - c) = g z - c for every g, so the coset images of centred
         # queries are centred too.
-        centre = x.sum(dim=0, dtype=work) / m
-        centre = centre[split.cosets[:, split.involutions].reshape(-1, dim)].mean(dim=0)
-        weights = split.weights.to(device=device, dtype=work)
-        ux = eigen_coordinates(x.to(work) - centre, split)  # [M, D + 1]
+        centre = x.sum(dim=0, dtype=dtype) / m
+        centre = centre[elements.reshape(-1, dim)].mean(dim=0)  # averaged over the group
+        # Eigenspace coordinates in the input's precision (float64 inputs: float64, then rounded).
+        weights = split.weights.to(device=device, dtype=dtype)
+        ux = eigen_coordinates(x - centre, split)  # [M, D + 1]
         x_norms = (ux.square() * weights).sum(dim=1)  # Parseval: ||x - c||^2
         screen = torch.float32 if dtype == torch.float64 else dtype
         if screen != dtype and not bool(torch.isfinite(x_norms.to(screen)).all()):
@@ -279,7 +278,7 @@ def split_orbit_knn(
         for qs in range(0, n, chunk):
             qe = min(qs + chunk, n)
             rows = qe - qs
-            qw = q[qs:qe].to(work) - centre
+            qw = q[qs:qe] - centre
             for h in range(n_h):
                 # Coset image h y as eigenspace coordinates (never materialised).
                 ub = eigen_coordinates(qw, split, split.cosets[h])  # [B, D + 1]
