@@ -55,7 +55,21 @@ from gapcallback.utils.checks import check_exponent, check_positive_int
 from gapcallback.utils.data import Transform, collect_points
 from gapcallback.utils.rng import derive_seed, isolated_rng
 
-__all__ = ["GapCallback", "GapEvaluationWarning"]
+__all__ = ["LOGGED_KEYS", "GapCallback", "GapEvaluationWarning"]
+
+LOGGED_KEYS = (
+    "gap/observed",
+    "gap/memorization",
+    "gap/predicted",
+    "gap/ratio",
+    "gap/effective_n",
+    "gap/memorized_fraction",
+    "id/data",
+    "id/samples",
+    "id/law",
+    "gap/skipped_evaluations",
+)
+"""Every key a :class:`GapCallback` may log (each behind the callback's ``prefix``)."""
 
 Sampler = Callable[..., Tensor]
 
