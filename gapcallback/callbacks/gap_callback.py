@@ -34,7 +34,6 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +52,7 @@ from gapcallback.metrics.representation_gap import RepresentationGap
 from gapcallback.symmetry.base import Symmetry
 from gapcallback.utils.checks import check_exponent, check_positive_int
 from gapcallback.utils.data import Transform, collect_points
+from gapcallback.utils.modes import eval_mode
 from gapcallback.utils.rng import derive_seed, isolated_rng
 
 __all__ = ["LOGGED_KEYS", "GapCallback", "GapEvaluationWarning"]
@@ -441,7 +441,7 @@ class GapCallback(Callback):
         memorized = 0
         eval_seed = derive_seed(self.seed, index, rank)
         generator = torch.Generator(device=device).manual_seed(eval_seed)
-        with isolated_rng(eval_seed, device), torch.no_grad(), _eval_mode(pl_module):
+        with isolated_rng(eval_seed, device), torch.no_grad(), eval_mode(pl_module):
             for n in self._progress(_batch_sizes(n_local, self.sample_batch_size), trainer, index):
                 samples = self._draw(pl_module, n, generator)
                 gap_metric.update(samples)
@@ -677,15 +677,3 @@ def _accepts_generator(fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-@contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Put ``module`` (and every submodule) in eval mode; restore each one's previous mode."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
