@@ -6,6 +6,12 @@ problem and the fix, so that bad input never turns into a silent NaN further dow
 
 from __future__ import annotations
 
+import difflib
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -110,3 +116,85 @@ def check_exponent(p: object, name: str = "p") -> float:
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """The accumulation dtype: float64 if any input is float64, else float32 (never below fp32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` after checking it is a ``bool`` (``0``/``1``/strings are refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """Return ``value`` after checking it is one of the strings ``choices``.
+
+    The error lists the valid names and, for a near miss (``"twonnn"``), suggests the closest one.
+    """
+    if not isinstance(value, str) or value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.{hint}"
+        )
+    return value
+
+
+def check_number(
+    value: object,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    strict: bool = False,
+    allow_none: bool = False,
+    allow_inf: bool = False,
+) -> float | None:
+    """Return a real number ``value`` as ``float`` after checking its type and range.
+
+    Refuses ``bool``, complex and non-numbers (``TypeError``), NaN always and ``+-inf`` unless
+    ``allow_inf`` (``ValueError``). ``minimum``/``maximum`` bound it (excluded with ``strict``).
+    ``allow_none`` lets ``None`` through unchanged.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        expected = "a real number" + (" or None" if allow_none else "")
+        raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
+    out = float(value)
+    if math.isnan(out) or (math.isinf(out) and not allow_inf):
+        raise ValueError(f"`{name}` must be a finite number, got {out}.")
+    low_bad = minimum is not None and (out <= minimum if strict else out < minimum)
+    high_bad = maximum is not None and (out >= maximum if strict else out > maximum)
+    if low_bad or high_bad:
+        lo = "" if minimum is None else f"{'>' if strict else '>='} {minimum:g}"
+        hi = "" if maximum is None else f"{'<' if strict else '<='} {maximum:g}"
+        raise ValueError(f"`{name}` must be {' and '.join(b for b in (lo, hi) if b)}, got {out:g}.")
+    return out
+
+
+def check_optional_int(value: object, name: str, *, minimum: int = 1) -> int | None:
+    """``None``, or an integer ``>= minimum`` (see :func:`check_positive_int`)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be None or an int >= {minimum}, got {value!r}.")
+    return check_positive_int(int(value), name, minimum=minimum)
+
+
+def check_known_keys(options: Mapping[str, Any], name: str, valid: Sequence[str]) -> None:
+    """Raise ``TypeError`` naming the keys of ``options`` that are not in ``valid`` (and the valid ones).
+
+    ``name`` describes where the options go, e.g. ``"law_options (GapLaw.fit)"``.
+    """
+    unknown = [key for key in options if key not in valid]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            if close:
+                hints.append(f"{key!r} -> {close[0]!r}?")
+        hint = f" ({', '.join(hints)})" if hints else ""
+        raise TypeError(
+            f"Unknown key(s) {sorted(map(str, unknown))} in `{name}`{hint}; valid keys are "
+            f"{list(valid)}."
+        )
