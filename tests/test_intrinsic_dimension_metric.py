@@ -11,7 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gapcallback.functional.intrinsic_dimension import intrinsic_dimension
+from gapcallback.functional.intrinsic_dimension import (
+    METHOD_OPTIONS,
+    METHODS,
+    check_dimension_method,
+    intrinsic_dimension,
+)
 from gapcallback.metrics.intrinsic_dimension import IntrinsicDimension
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,7 +75,7 @@ def test_reset_and_errors() -> None:
     m.update(_data(50))
     m.reset()
     assert m.points == []
-    with pytest.raises(ValueError, match="Unknown method"):
+    with pytest.raises(ValueError, match="`method` must be one of"):
         IntrinsicDimension("pca")
     with pytest.raises(ValueError, match="max_points"):
         IntrinsicDimension(max_points=2)
@@ -87,6 +92,74 @@ def test_options_reach_the_estimator_and_metric_kwargs_the_base_class() -> None:
     m.update(x)
     assert float(m.compute()) == pytest.approx(float(intrinsic_dimension(x, "mle", k=4)), rel=1e-5)
     assert m.last_estimate.details["k"] == 4
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "error", "match"),
+    [
+        ("twonnn", {}, ValueError, r"`method` must be one of .*Did you mean 'twonn'\?"),
+        ("PCA", {}, ValueError, r"'calibrated', 'twonn', 'mle', 'gap'"),
+        (None, {}, ValueError, "`method` must be one of"),
+        ("twonn", {"k": 5}, TypeError, r"\['k'\] in `options of method='twonn'`.*\['dup_tol'"),
+        ("mle", {"kk": 5}, TypeError, r"'kk' -> 'k'\?"),
+        ("calibrated", {"holdout": 0.2}, TypeError, "holdout"),
+        ("mle", {"k": 1}, ValueError, "`k` must be >= 2"),
+        ("mle", {"k": 2.5}, TypeError, "`k` must be an int"),
+        ("calibrated", {"seed": -1}, ValueError, "`seed` must be >= 0"),
+        ("calibrated", {"references": ("sphere", "klein")}, ValueError, "references"),
+        ("calibrated", {"references": "sphere"}, TypeError, "references"),
+        ("twonn", {"fit": "lsq"}, ValueError, "`fit` must be one of 'mle', 'linear'"),
+        ("twonn", {"discard": 1.0}, ValueError, "discard"),
+        ("twonn", {"dup_tol": float("nan")}, ValueError, "`dup_tol` must be a finite"),
+        ("twonn", {"dup_tol": -1e-3}, ValueError, "`dup_tol` must be >= 0"),
+        ("gap", {"holdout": 1.0}, ValueError, "`holdout` must be > 0 and < 1"),
+        ("gap", {"p": 0}, ValueError, "`p` must be"),
+        ("gap", {"repeats": 0}, ValueError, "`repeats` must be >= 1"),
+        ("gap", {"sizes": [10, 2.5]}, TypeError, r"sizes\[i\]"),
+        ("gap", {"sizes": "10"}, TypeError, "`sizes` must be None or a sequence"),
+        ("gap", {"generator": 0}, TypeError, "generator"),
+    ],
+)
+def test_bad_method_or_options_fail_at_construction(method, options, error, match) -> None:
+    """No data needed: a bad configuration never reaches the first ``compute()``."""
+    with pytest.raises(error, match=match):
+        IntrinsicDimension(method, **options)
+    with pytest.raises(error, match=match):
+        check_dimension_method(method, options)
+
+
+def test_bad_max_points_and_seed_fail_at_construction() -> None:
+    for bad, error in ((2, ValueError), (10.5, TypeError), (True, TypeError), (None, TypeError)):
+        with pytest.raises(error, match="max_points"):
+            IntrinsicDimension(max_points=bad)
+    for bad, error in ((-1, ValueError), (1.0, TypeError), ("0", TypeError)):
+        with pytest.raises(error, match="seed"):
+            IntrinsicDimension(seed=bad)
+
+
+def test_every_documented_option_is_accepted_by_the_check_and_the_estimator() -> None:
+    """``METHOD_OPTIONS`` and the estimator agree: each valid option passes both."""
+    valid = {
+        "dup_tol": 0.0,
+        "k": 4,
+        "seed": 1,
+        "references": ("sphere",),
+        "fit": "linear",
+        "discard": 0.2,
+        "p": 1.0,
+        "holdout": 0.25,
+        "sizes": [20, 40, 80],
+        "repeats": 2,
+        "generator": torch.Generator().manual_seed(0),
+    }
+    assert set(METHOD_OPTIONS) == set(METHODS)
+    x = _data(400)
+    for method, names in METHOD_OPTIONS.items():
+        options = {name: valid[name] for name in names}
+        assert check_dimension_method(method, options) == options
+        metric = IntrinsicDimension(method, max_points=1000, **options)
+        metric.update(x)
+        assert torch.isfinite(metric.compute())
 
 
 def test_plot() -> None:

@@ -50,7 +50,7 @@ Duplicates and near-duplicates (distance below ``dup_tol`` times the data's RMS 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -61,7 +61,10 @@ from torch import Tensor
 from gapcallback.functional.knn import knn
 from gapcallback.functional.representation_gap import representation_gap
 from gapcallback.utils.checks import (
+    check_choice,
     check_exponent,
+    check_known_keys,
+    check_number,
     check_point_set,
     check_positive_int,
     check_same_device,
@@ -71,10 +74,12 @@ from gapcallback.utils.checks import (
 
 __all__ = [
     "METHODS",
+    "METHOD_OPTIONS",
     "REFERENCE_FAMILIES",
     "DimensionEstimate",
     "GapSlope",
     "MultiscaleDimension",
+    "check_dimension_method",
     "deduplicate",
     "gap_slope_dimension",
     "intrinsic_dimension",
@@ -84,6 +89,14 @@ __all__ = [
 
 METHODS = ("calibrated", "twonn", "mle", "gap")
 """Names accepted by ``method=``; the first is the default."""
+
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "calibrated": ("dup_tol", "k", "seed", "references"),
+    "twonn": ("dup_tol", "fit", "discard"),
+    "mle": ("dup_tol", "k"),
+    "gap": ("dup_tol", "p", "holdout", "sizes", "repeats", "generator"),
+}
+"""The options each method of :data:`METHODS` accepts (see :func:`intrinsic_dimension_estimate`)."""
 
 DEFAULT_DUP_TOL = 1e-6
 """Default duplicate tolerance, relative to the RMS distance of the points to their mean."""
@@ -244,6 +257,81 @@ def intrinsic_dimension_estimate(
         d, s, det = _gap(points, p, holdout, sizes, repeats, generator)
     as_t = lambda v: torch.tensor(v, dtype=out_dtype, device=x.device)  # noqa: E731
     return DimensionEstimate(as_t(d), as_t(s), method, n, det)
+
+
+def check_dimension_method(
+    method: object, options: dict[str, Any] | None = None, *, name: str = "method"
+) -> dict[str, Any]:
+    r"""Validate an estimator ``method`` and its ``options`` without data; return the options.
+
+    Everything that does not depend on the points is checked here, so that a callback or a metric
+    can refuse a bad configuration at construction instead of failing (or skipping) at its first
+    evaluation: the method name (a near miss such as ``"twonnn"`` is answered with the closest
+    valid name), the option names the method accepts (:data:`METHOD_OPTIONS`), and the option
+    values (types and ranges). What depends on the data (``k`` below the number of distinct
+    points, ``sizes`` within the training set) is checked by the estimator.
+
+    Args:
+        method: a name from :data:`METHODS`.
+        options: the method's keyword options (``None``: none).
+        name: the user's name for ``method`` in error messages (e.g. ``"dimension_method"``).
+
+    Returns:
+        A copy of ``options`` (a plain dict).
+
+    Raises:
+        ValueError: unknown method, or an option value out of range.
+        TypeError: an option the method does not take, or an option of the wrong type.
+
+    Example:
+        >>> from gapcallback.functional.intrinsic_dimension import check_dimension_method
+        >>> check_dimension_method("mle", {"k": 20})
+        {'k': 20}
+        >>> check_dimension_method("twonnn")
+        Traceback (most recent call last):
+        ...
+        ValueError: `method` must be one of 'calibrated', 'twonn', 'mle', 'gap'; got 'twonnn'. Did you mean 'twonn'?
+    """
+    method = check_choice(method, name, METHODS)
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"The options of `{name}`={method!r} must be a dict of keyword arguments, got "
+            f"{type(options).__name__}."
+        )
+    options = dict(options)
+    check_known_keys(options, f"options of {name}={method!r}", METHOD_OPTIONS[method])
+    if "dup_tol" in options:
+        check_number(options["dup_tol"], "dup_tol", minimum=0.0)
+    if "k" in options:
+        check_positive_int(options["k"], "k", minimum=2)
+    if "fit" in options:
+        check_choice(options["fit"], "fit", ("mle", "linear"))
+    if "discard" in options:
+        check_number(options["discard"], "discard", minimum=0.0)
+        if not options["discard"] < 1:
+            raise ValueError(f"`discard` must be a fraction in [0, 1), got {options['discard']!r}.")
+    if "seed" in options:
+        check_positive_int(options["seed"], "seed", minimum=0)
+    if "references" in options:
+        _check_references(options["references"])
+    if "p" in options:
+        check_exponent(options["p"])
+    if "holdout" in options:
+        check_number(options["holdout"], "holdout", minimum=0.0, maximum=1.0, strict=True)
+    if options.get("sizes") is not None:
+        sizes = options["sizes"]
+        values = sizes.reshape(-1).tolist() if isinstance(sizes, Tensor) else sizes
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"`sizes` must be None or a sequence of ints, got {sizes!r}.")
+        for v in values:
+            check_positive_int(v, "sizes[i]")
+    if "repeats" in options:
+        check_positive_int(options["repeats"], "repeats")
+    if options.get("generator") is not None:
+        _generator(options["generator"])
+    return options
 
 
 def gap_slope_dimension(

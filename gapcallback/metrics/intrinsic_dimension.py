@@ -19,7 +19,10 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from gapcallback.functional.intrinsic_dimension import METHODS, intrinsic_dimension_estimate
+from gapcallback.functional.intrinsic_dimension import (
+    check_dimension_method,
+    intrinsic_dimension_estimate,
+)
 from gapcallback.utils.checks import check_point_set, check_positive_int
 
 __all__ = ["IntrinsicDimension"]
@@ -42,9 +45,16 @@ class IntrinsicDimension(Metric):
             :data:`gapcallback.functional.intrinsic_dimension.METHODS`.
         max_points: reservoir size (memory ``max_points * D`` values).
         seed: seed of the reservoir keys.
-        **options: estimator options (``k``, ``dup_tol``, ``fit`` ...); options named like
-            :class:`torchmetrics.Metric` keyword arguments (``sync_on_compute``, ``process_group``,
-            ``dist_sync_fn`` ...) go to the base class.
+        **options: estimator options (``k``, ``dup_tol``, ``fit`` ...; the names each method
+            takes are in :data:`~gapcallback.functional.intrinsic_dimension.METHOD_OPTIONS`);
+            options named like :class:`torchmetrics.Metric` keyword arguments
+            (``sync_on_compute``, ``process_group``, ``dist_sync_fn`` ...) go to the base class.
+
+    Raises:
+        ValueError: an unknown ``method`` (the error names the closest valid one), an option value
+            out of range, ``max_points < 3`` or ``seed < 0``.
+        TypeError: an option ``method`` does not take (listing those it does), or an argument of
+            the wrong type.
 
     Attributes:
         last_estimate: the :class:`DimensionEstimate` of the last :meth:`compute` (with ``std``).
@@ -85,12 +95,11 @@ class IntrinsicDimension(Metric):
     ) -> None:
         metric_kwargs = {k: options.pop(k) for k in self._METRIC_KWARGS if k in options}
         super().__init__(**metric_kwargs)
-        if not isinstance(method, str) or method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+        # Everything that does not depend on the data fails here, not at the first compute().
+        self.options = check_dimension_method(method, options)
         self.method = method
         self.max_points = check_positive_int(max_points, "max_points", minimum=3)
         self.seed = check_positive_int(seed, "seed", minimum=0)
-        self.options = options
         self.last_estimate: Any = None
         self._multipliers: Tensor | None = None
         self.add_state("points", default=[], dist_reduce_fx="cat")
