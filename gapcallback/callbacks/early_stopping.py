@@ -15,7 +15,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-from gapcallback.callbacks.gap_callback import GapCallback
+from gapcallback.callbacks.gap_callback import LOGGED_KEYS, GapCallback
+from gapcallback.utils.checks import check_bool, check_choice, check_number, check_positive_int
 
 __all__ = ["GapEarlyStopping"]
 
@@ -58,6 +59,39 @@ class GapEarlyStopping(EarlyStopping):
         log_rank_zero_only: bool = False,
         callback: GapCallback | None = None,
     ) -> None:
+        if callback is not None and not isinstance(callback, GapCallback):
+            raise TypeError(
+                f"`callback` must be the GapCallback to follow (or None to find it in the Trainer),"
+                f" got {type(callback).__name__}."
+            )
+        _check_monitor(monitor, callback)
+        min_delta = check_number(min_delta, "min_delta")
+        patience = check_positive_int(patience, "patience", minimum=0)
+        mode = check_choice(mode, "mode", ("min", "max"))
+        for name, flag in (
+            ("verbose", verbose),
+            ("strict", strict),
+            ("check_finite", check_finite),
+            ("log_rank_zero_only", log_rank_zero_only),
+        ):
+            check_bool(flag, name)
+        stopping_threshold = check_number(
+            stopping_threshold, "stopping_threshold", allow_none=True, allow_inf=True
+        )
+        divergence_threshold = check_number(
+            divergence_threshold, "divergence_threshold", allow_none=True, allow_inf=True
+        )
+        if stopping_threshold is not None and divergence_threshold is not None:
+            better = stopping_threshold < divergence_threshold
+            if better != (mode == "min"):
+                relation = "below" if mode == "min" else "above"
+                raise ValueError(
+                    f"With mode={mode!r} training stops once `{monitor}` is {relation} "
+                    f"stopping_threshold={stopping_threshold:g} (good enough) or beyond "
+                    f"divergence_threshold={divergence_threshold:g} (diverged), so the stopping"
+                    f" threshold must be {relation} the divergence threshold; swap them or fix "
+                    "`mode`."
+                )
         super().__init__(
             monitor=monitor,
             min_delta=min_delta,
@@ -71,8 +105,6 @@ class GapEarlyStopping(EarlyStopping):
             check_on_train_epoch_end=True,
             log_rank_zero_only=log_rank_zero_only,
         )
-        if callback is not None and not isinstance(callback, GapCallback):
-            raise TypeError(f"`callback` must be a GapCallback, got {type(callback).__name__}.")
         self.callback = callback
         self.last_evaluation = -1
 
@@ -80,6 +112,13 @@ class GapEarlyStopping(EarlyStopping):
         super().setup(trainer, pl_module, stage)
         if self.callback is None:
             self.callback = self._find_source(trainer)
+        elif not any(c is self.callback for c in trainer.callbacks):
+            raise ValueError(
+                f"GapEarlyStopping(monitor={self.monitor!r}) follows a GapCallback (`callback=`) that"
+                " is not in this Trainer, so it would never see an evaluation; pass the same object"
+                " in `Trainer(callbacks=[gap_callback, GapEarlyStopping(..., "
+                "callback=gap_callback)])`."
+            )
         # Run right after the gap callback in every hook.
         callbacks = trainer.callbacks
         if self in callbacks and self.callback in callbacks:
@@ -88,6 +127,7 @@ class GapEarlyStopping(EarlyStopping):
                 callbacks.insert(callbacks.index(self.callback) + 1, self)
 
     def _find_source(self, trainer: pl.Trainer) -> GapCallback:
+        """The one GapCallback of ``trainer`` whose keys include ``monitor``."""
         sources = [c for c in trainer.callbacks if isinstance(c, GapCallback)]
         if not sources:
             raise RuntimeError(
@@ -95,10 +135,15 @@ class GapEarlyStopping(EarlyStopping):
                 "`Trainer(callbacks=[GapCallback(...), GapEarlyStopping(...)])`. For metrics logged "
                 "by other code use lightning's EarlyStopping."
             )
-        matching = [c for c in sources if self.monitor.startswith(c.prefix)]
-        if len(matching) != 1:
-            matching = [c for c in matching if c.prefix] or matching
-        if len(matching) != 1:
+        matching = [c for c in sources if self.monitor in _keys(c)]
+        if not matching:
+            available = [key for c in sources for key in _keys(c)]
+            raise ValueError(
+                f"GapEarlyStopping(monitor={self.monitor!r}): no GapCallback in the Trainer logs "
+                f"this key. The Trainer's GapCallbacks log {available}; pass one of them as "
+                "`monitor=` (a callback with `prefix=` puts the prefix in front of every key)."
+            )
+        if len(matching) > 1:
             raise RuntimeError(
                 f"GapEarlyStopping(monitor={self.monitor!r}) matches {len(matching)} GapCallbacks; "
                 "give them distinct `prefix=` values or pass `callback=`."
@@ -160,3 +205,31 @@ class GapEarlyStopping(EarlyStopping):
             self.stopping_reason_message = reason
         if reason and self.verbose:
             self._log_info(trainer, reason, self.log_rank_zero_only)
+
+
+def _keys(callback: GapCallback) -> list[str]:
+    """Every key ``callback`` may log (behind its prefix)."""
+    return [callback.key(name) for name in LOGGED_KEYS]
+
+
+def _check_monitor(monitor: object, callback: GapCallback | None) -> None:
+    """``monitor`` must be a key a GapCallback logs: one of ``callback``'s keys when it is given,
+    else one of :data:`LOGGED_KEYS` behind any prefix."""
+    if not isinstance(monitor, str):
+        raise TypeError(
+            f"`monitor` must be the name of a logged key (a str such as 'gap/observed'), got "
+            f"{monitor!r}."
+        )
+    if callback is not None:
+        keys = _keys(callback)
+        if monitor not in keys:
+            raise ValueError(
+                f"`monitor`={monitor!r} is not a key of the GapCallback passed as `callback=` "
+                f"(prefix {callback.prefix!r}); it logs {keys}. Pass one of them."
+            )
+    elif not any(monitor.endswith(name) for name in LOGGED_KEYS):
+        raise ValueError(
+            f"`monitor`={monitor!r} is not a key a GapCallback logs; the keys are {list(LOGGED_KEYS)}"
+            " (each behind the callback's `prefix`, e.g. 'val/gap/observed'). For a metric logged"
+            " by other code use lightning's EarlyStopping."
+        )
