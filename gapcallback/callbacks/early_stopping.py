@@ -41,6 +41,14 @@ class GapEarlyStopping(EarlyStopping):
             logs ``monitor``.
         **kwargs: see ``EarlyStopping``. ``check_on_train_epoch_end`` is not accepted.
 
+    Raises:
+        TypeError, ValueError: at construction, for an argument of the wrong type or out of range
+            (``patience < 0``, NaN ``min_delta`` or thresholds, ``mode`` not ``"min"``/``"max"``,
+            thresholds in the wrong order for ``mode``), or a ``monitor`` that no GapCallback logs
+            (any of :data:`~gapcallback.callbacks.gap_callback.LOGGED_KEYS` behind a prefix; the
+            keys of ``callback`` when it is given). At setup, when no GapCallback of the Trainer
+            logs ``monitor`` (the error lists the keys they log) or ``callback`` is not in it.
+
     The callback moves itself after its ``GapCallback`` in ``trainer.callbacks`` so that it sees
     each evaluation in the same hook, whatever order the callbacks were passed in.
     """
