@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gapcallback.law import GapLaw
 
-__all__ = ["gap_history_figure", "require_matplotlib"]
+__all__ = ["gap_history_figure", "new_figure", "render_rgb", "require_matplotlib", "save_png"]
 
 
 def require_matplotlib(what: str = "Plotting") -> Any:
@@ -26,6 +27,41 @@ def require_matplotlib(what: str = "Plotting") -> Any:
     return plt
 
 
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib ``Figure`` with its own Agg canvas, outside pyplot's global figure registry.
+
+    Nothing to close afterwards and no interactive backend involved, so figures can be made from
+    a training loop (or another thread) without leaking or switching the user's backend.
+    """
+    require_matplotlib("Plotting")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def render_rgb(fig: Any, dpi: float = 100) -> Any:
+    """Render ``fig`` once and return its pixels as a ``[H, W, 3]`` uint8 numpy array.
+
+    Loggers take arrays (TensorBoard ``add_image``, W&B, MLflow ``log_image``) and the PNG file
+    is written from the same array, so one figure costs one render however many places it goes.
+    """
+    import numpy as np
+
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_png(rgb: Any, path: str | Path) -> None:
+    """Write a ``[H, W, 3]`` uint8 array as a PNG (matplotlib's writer, no re-render)."""
+    from matplotlib.image import imsave
+
+    imsave(path, rgb, format="png")
+
+
 def gap_history_figure(
     history: Sequence[dict[str, Any]],
     *,
@@ -39,33 +75,41 @@ def gap_history_figure(
     Left: the fitted law :math:`R_n = J n^{-p/d}` with its band and measured subsample gaps, the
     training set's own gap (the memorization line) at ``n_train``, and each observed model gap
     placed at its *effective* size :math:`n_\\text{eff} = (J / R)^{d/p}` (the training-set size a
-    perfectly trained model would need to reach it). Right: observed, predicted and memorization
-    gaps against the global step.
+    perfectly trained model would need to reach it), coloured by evaluation (colour bar); gaps
+    whose effective size the law does not support (``gap/effective_n`` is ``nan``) are left out.
+    Right: observed, predicted and memorization gaps against the global step, and the memorized
+    fraction of samples on a second axis.
 
     Returns:
-        the matplotlib ``Figure``.
+        the matplotlib ``Figure`` (its own Agg canvas; see :func:`new_figure`).
     """
-    plt = require_matplotlib("GapCallback.figure")
-    fig, (ax_law, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
+    from gapcallback.callbacks.gap_values import effective_training_size
+
+    fig = new_figure((11, 4))
+    ax_law, ax_time = fig.subplots(1, 2)
     done = [h for h in history if not h.get("skipped")]
     observed = [h[f"{prefix}gap/observed"] for h in done]
     steps = [h["step"] for h in done]
     if law is not None:
         upper = max([float(law.sizes.max()) if law.sizes.numel() else 1.0, float(n_train or 1)])
-        effective = [float(law.samples_for(v)) for v in observed if v > 0]
-        n_hi = max([4.0 * upper, *[e for e in effective if math.isfinite(e)]])
+        placed = [
+            (i, effective_training_size(law, v), v)
+            for i, v in enumerate(observed)
+            if math.isfinite(effective_training_size(law, v))
+        ]
+        n_hi = max([4.0 * upper, *[e for _, e, _ in placed]])
         law.plot(ax=ax_law, n_max=min(n_hi, 1e4 * upper))
-        if effective:
-            colours = range(len(effective))
-            ax_law.scatter(
-                effective,
-                [v for v in observed if v > 0],
-                c=list(colours),
+        if placed:
+            points = ax_law.scatter(
+                [e for _, e, _ in placed],
+                [v for _, _, v in placed],
+                c=[steps[i] for i, _, _ in placed],
                 cmap="viridis",
                 marker="x",
                 zorder=5,
                 label="model (at effective n)",
             )
+            fig.colorbar(points, ax=ax_law, label="global step of the evaluation")
     if n_train and memorization_gap:
         ax_law.scatter(
             [n_train],
@@ -104,6 +148,22 @@ def gap_history_figure(
     ax_time.set_xlabel("global step")
     ax_time.set_ylabel("representation gap")
     ax_time.set_title("during training" + (f" ({len(skipped)} skipped)" if skipped else ""))
-    ax_time.legend(fontsize=7)
+    handles, labels = ax_time.get_legend_handles_labels()
+    fraction_key = f"{prefix}gap/memorized_fraction"
+    memorized = [(h["step"], h[fraction_key]) for h in done if fraction_key in h]
+    if memorized:
+        ax_frac = ax_time.twinx()
+        line = ax_frac.plot(
+            [s for s, _ in memorized],
+            [f for _, f in memorized],
+            "s--",
+            color="C4",
+            ms=3,
+            label="memorized fraction (right)",
+        )
+        ax_frac.set_ylim(-0.02, 1.02)
+        ax_frac.set_ylabel("memorized fraction of samples")
+        handles, labels = [*handles, *line], [*labels, line[0].get_label()]
+    ax_time.legend(handles, labels, fontsize=7)
     fig.tight_layout()
     return fig

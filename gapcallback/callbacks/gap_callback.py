@@ -31,9 +31,12 @@ computed once at the start of fitting and kept in the callback's ``state_dict``.
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +46,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from gapcallback.callbacks.gap_values import gap_values
+from gapcallback.functional.intrinsic_dimension import METHODS as DIMENSION_METHODS
 from gapcallback.functional.intrinsic_dimension import intrinsic_dimension
 from gapcallback.functional.memorization import memorization
 from gapcallback.functional.representation_gap import representation_gap
@@ -51,11 +56,15 @@ from gapcallback.metrics.intrinsic_dimension import IntrinsicDimension
 from gapcallback.metrics.representation_gap import RepresentationGap
 from gapcallback.symmetry.base import Symmetry
 from gapcallback.utils.checks import check_exponent, check_positive_int
-from gapcallback.utils.data import Transform, collect_points
+from gapcallback.utils.data import Transform, check_data_source, collect_points
+from gapcallback.utils.log import get_logger
 from gapcallback.utils.modes import eval_mode
 from gapcallback.utils.rng import derive_seed, isolated_rng
+from gapcallback.utils.value_range import FeatureStats, scale_mismatch
 
-__all__ = ["LOGGED_KEYS", "GapCallback", "GapEvaluationWarning"]
+__all__ = ["LOGGED_KEYS", "OPTIONAL_PARTS", "GapCallback", "GapEvaluationWarning"]
+
+_LOG = get_logger("callback")
 
 LOGGED_KEYS = (
     "gap/observed",
@@ -75,35 +84,49 @@ Sampler = Callable[..., Tensor]
 
 
 class GapEvaluationWarning(UserWarning):
-    """An evaluation of :class:`GapCallback` was skipped (failing sampler, NaN samples, ...)."""
+    """An evaluation of :class:`GapCallback` was skipped or a part of it failed (failing sampler,
+    NaN samples, samples on another scale than the references, ...)."""
 
 
 class _EvaluationFault(Exception):
     """Raised inside an evaluation for faults of the user's sampler or its output."""
 
 
+OPTIONAL_PARTS = ("id/samples", "gap/memorized_fraction", "figure")
+"""Parts of an evaluation whose failure is recorded without skipping the evaluation."""
+
+
 class GapCallback(Callback):
     r"""Measure the representation gap of a generative model while it trains.
 
     Args:
-        reference: held-out data points :math:`y_i`: a tensor ``[m, *dims]`` or a DataLoader /
-            iterable of batches (e.g. ``datamodule.val_dataloader()``).
-        train: the training set (tensor or DataLoader). Enables ``gap/memorization``,
+        reference: held-out data points :math:`y_i`: a tensor or numpy array ``[m, *dims]``, or a
+            DataLoader / iterable of batches (e.g. ``datamodule.val_dataloader()``). An iterable
+            without a length (a streaming ``IterableDataset``) needs ``max_points``.
+        train: the training set (same forms). Enables ``gap/memorization``,
             ``gap/memorized_fraction``, the law (``gap/predicted``) and ``id/data`` on it.
         sampler: ``sampler(pl_module, n) -> Tensor [n, *dims]``; when ``None`` the callback calls
             ``pl_module.sample(n)``. Either is passed ``generator=`` (a seeded
             ``torch.Generator`` on the module's device) if its signature accepts it.
-        num_samples: samples per evaluation, split across DDP ranks.
+        num_samples: samples per evaluation, split across DDP ranks. The callback's cost is about
+            ``num_samples`` times the sampler's cost per sample (the measurements themselves are
+            a few exact nearest-neighbour searches).
         every_n_epochs: evaluate at the end of every n-th training epoch (``None``/0: never).
         every_n_train_steps: evaluate every n optimizer steps (``None``: never).
         p: loss exponent of the gap, :math:`\lVert y - z \rVert^p`.
         transform: maps a batch (tensor) to task-space vectors; applied to reference and
             training batches and to samples alike (e.g. a feature extractor or a flatten).
         symmetry: a :class:`gapcallback.symmetry.Symmetry`: all distances become orbit distances.
+        sample_transform: applied to the model's samples only, before ``transform``: maps them
+            into the data's value range (e.g. ``lambda z: (z + 1) / 2`` for a model working in
+            :math:`[-1, 1]` on data in :math:`[0, 1]`). On the first evaluation the callback
+            compares the samples' value range with the references' and warns once when they are
+            clearly on different scales.
         sample_batch_size: samples drawn per call of the sampler (bounds memory).
         law: ``True`` fits a :class:`~gapcallback.law.GapLaw` on ``train`` vs ``reference`` once;
             a fitted ``GapLaw`` is used as given; ``False`` disables the prediction.
-        law_options: keyword arguments for :meth:`GapLaw.fit` (``sizes``, ``repeats``, ``k``...).
+        law_options: keyword arguments for :meth:`GapLaw.fit` (``sizes``, ``num_sizes``,
+            ``repeats``, ``k``, ...), checked at construction.
         dimension_method: estimator for ``id/data`` and ``id/samples`` (see
             :func:`gapcallback.functional.intrinsic_dimension.intrinsic_dimension`); ``None``
             disables both.
@@ -115,20 +138,30 @@ class GapCallback(Callback):
             training run's RNG streams are never touched.
         on_error: ``"warn"`` (default): a failing sampler, NaN/Inf, wrong shapes or too few samples
             skip the evaluation with a :class:`GapEvaluationWarning`, record it and training goes
-            on; ``"raise"``: raise instead.
+            on; a failing optional part (``id/samples``, the memorized fraction, the figure) is
+            recorded in the evaluation's ``failed_parts`` and everything else is logged.
+            ``"raise"``: raise instead.
         log_figure: send a figure (law + history) to every logger that takes images and save it
-            as ``gap_callback.png`` in the log directory.
-        progress: show a progress bar while sampling takes longer than a couple of seconds.
+            as ``gap_callback.png`` in the log directory, at the end of fitting and every
+            ``figure_every_n_evaluations`` evaluations.
+        figure_every_n_evaluations: how often the figure is rendered during training (default
+            10; ``None``: at the end of fitting only). One render costs about a second of CPU,
+            more than an evaluation's measurements, so it is not drawn at every evaluation.
+        progress: show a progress bar while sampling or preparing takes longer than 2 seconds.
         prefix: prepended to every logged key (for several callbacks on one trainer).
 
     Attributes:
         history: list of dicts, one per evaluation: ``evaluation``, ``epoch``, ``step``,
-            ``skipped`` (+ ``reason``) and the logged values under their keys.
+            ``skipped`` (+ ``reason``), the logged values under their keys and, when an optional
+            part failed, ``failed_parts`` (part -> reason).
         law: the fitted :class:`~gapcallback.law.GapLaw` (``None`` without ``train`` or law).
         memorization_gap: gap of the references to the training set (``None`` without train).
         data_dimension: intrinsic dimension of the training data (or references).
         n_train: number of training points.
         num_skipped: evaluations skipped so far.
+        preparation_failures: data-only parts that could not be computed (``"gap/predicted"``,
+            ``"id/data"``) -> reason.
+        scale_warning: the value-range warning of the first evaluation, or ``None``.
 
     Example::
 
@@ -148,6 +181,7 @@ class GapCallback(Callback):
         transform: Transform | None = None,
         symmetry: Symmetry | None = None,
         *,
+        sample_transform: Transform | None = None,
         sample_batch_size: int = 512,
         law: bool | GapLaw = True,
         law_options: dict[str, Any] | None = None,
@@ -159,6 +193,7 @@ class GapCallback(Callback):
         seed: int = 0,
         on_error: Literal["warn", "raise"] = "warn",
         log_figure: bool = True,
+        figure_every_n_evaluations: int | None = 10,
         progress: bool = True,
         prefix: str = "",
     ) -> None:
@@ -167,8 +202,9 @@ class GapCallback(Callback):
             raise TypeError(
                 f"`sampler` must be callable as sampler(pl_module, n), got {sampler!r}."
             )
-        if transform is not None and not callable(transform):
-            raise TypeError(f"`transform` must be a callable Tensor -> Tensor, got {transform!r}.")
+        for name, fn in (("transform", transform), ("sample_transform", sample_transform)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"`{name}` must be a callable Tensor -> Tensor, got {fn!r}.")
         if symmetry is not None and not isinstance(symmetry, Symmetry):
             raise TypeError(
                 f"`symmetry` must be a gapcallback.symmetry object, got {type(symmetry).__name__}."
@@ -192,28 +228,40 @@ class GapCallback(Callback):
             raise TypeError(f"`law` must be a bool or a fitted GapLaw, got {type(law).__name__}.")
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a string, got {prefix!r}.")
+        if isinstance(input_key, bool) or not isinstance(input_key, (int, str)):
+            raise TypeError(
+                f"`input_key` must be the int position or str key of the input tensor in each "
+                f"loader batch, got {input_key!r}."
+            )
+        self.max_points = (
+            None if max_points is None else check_positive_int(max_points, "max_points")
+        )
+        check_data_source(reference, "reference", self.max_points)
+        if train is not None:
+            check_data_source(train, "train", self.max_points)
         self.reference_source = reference
         self.train_source = train
         self.sampler = sampler
         self.p = check_exponent(p)
         self.transform = transform
+        self.sample_transform = sample_transform
         self.symmetry = symmetry
         self.sample_batch_size = check_positive_int(sample_batch_size, "sample_batch_size")
         self._law_option = law
-        self.law_options = dict(law_options or {})
-        self.dimension_method = dimension_method
+        self.law_options = _check_law_options(law_options)
+        self.dimension_method = _check_dimension_method(dimension_method)
         self.dimension_points = check_positive_int(dimension_points, "dimension_points", minimum=3)
-        if not 0.0 < float(memorization_ratio) <= 1.0:
-            raise ValueError(f"`memorization_ratio` must be in (0, 1], got {memorization_ratio}.")
-        self.memorization_ratio = float(memorization_ratio)
-        self.max_points = (
-            None if max_points is None else check_positive_int(max_points, "max_points")
-        )
+        self.memorization_ratio = _check_ratio(memorization_ratio)
         self.input_key = input_key
         self.seed = check_positive_int(seed, "seed", minimum=0)
         self.on_error = on_error
-        self.log_figure = bool(log_figure)
-        self.progress = bool(progress)
+        self.log_figure = _check_bool(log_figure, "log_figure")
+        self.figure_every_n_evaluations = (
+            None
+            if figure_every_n_evaluations is None
+            else check_positive_int(figure_every_n_evaluations, "figure_every_n_evaluations")
+        )
+        self.progress = _check_bool(progress, "progress")
         self.prefix = prefix
 
         self.history: list[dict[str, Any]] = []
@@ -221,12 +269,17 @@ class GapCallback(Callback):
         self.memorization_gap: float | None = None
         self.data_dimension: float | None = None
         self.n_train: int | None = None
+        self.preparation_failures: dict[str, str] = {}
+        self.scale_warning: str | None = None
         self._data_ready = False
         self._reference: Tensor | None = None
+        self._reference_stats: FeatureStats | None = None
+        self._scale_checked = False
         self._train: Tensor | None = None
         self._train_device: Tensor | None = None
         self._gap_metric: RepresentationGap | None = None
         self._last_step_evaluated = -1
+        self._figure_evaluation = -1
         self._figure_warned = False
 
     # ------------------------------------------------------------------ Lightning plumbing
@@ -256,6 +309,11 @@ class GapCallback(Callback):
                 return record
         return None
 
+    @property
+    def logged_keys(self) -> tuple[str, ...]:
+        """Every key this callback may log (:data:`LOGGED_KEYS` behind ``prefix``)."""
+        return tuple(self.key(name) for name in LOGGED_KEYS)
+
     def key(self, name: str) -> str:
         """The logged key for ``name`` (``"gap/observed"`` -> ``prefix + "gap/observed"``)."""
         return f"{self.prefix}{name}"
@@ -269,6 +327,7 @@ class GapCallback(Callback):
             "n_train": self.n_train,
             "data_ready": self._data_ready,
             "last_step_evaluated": self._last_step_evaluated,
+            "preparation_failures": dict(self.preparation_failures),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -280,6 +339,7 @@ class GapCallback(Callback):
         self.n_train = state_dict.get("n_train")
         self._data_ready = bool(state_dict.get("data_ready", False))
         self._last_step_evaluated = int(state_dict.get("last_step_evaluated", -1))
+        self.preparation_failures = dict(state_dict.get("preparation_failures", {}))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if (
@@ -294,7 +354,7 @@ class GapCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with isolated_rng(derive_seed(self.seed, 0xDA7A), pl_module.device):
-            self._prepare_data()
+            self._prepare_data(announce=trainer.is_global_zero)
         self._gap_metric = RepresentationGap(
             self._reference,
             p=self.p,
@@ -322,10 +382,25 @@ class GapCallback(Callback):
         ):
             self._evaluate(trainer, pl_module, on_step=True)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        latest = self.latest
+        if (
+            self.log_figure
+            and trainer.is_global_zero
+            and latest is not None
+            and latest["evaluation"] != self._figure_evaluation
+        ):
+            self._emit_figure(trainer, latest)
+
     # ------------------------------------------------------------------ data (once)
 
-    def _prepare_data(self) -> None:
-        """Materialise reference/train and compute everything that depends on the data only."""
+    def _prepare_data(self, announce: bool = False) -> None:
+        """Materialise reference/train and compute everything that depends on the data only.
+
+        With ``announce`` (rank zero), one log line before and one after, with the time taken,
+        and a progress bar over the stages when they take more than 2 seconds.
+        """
+        started = time.perf_counter()
         self._reference = collect_points(
             self.reference_source,
             "reference",
@@ -333,6 +408,8 @@ class GapCallback(Callback):
             input_key=self.input_key,
             max_points=self.max_points,
         )
+        self._reference_stats = FeatureStats()
+        self._reference_stats.update(self._reference)
         if self.train_source is not None:
             self._train = collect_points(
                 self.train_source,
@@ -349,44 +426,94 @@ class GapCallback(Callback):
                 )
         if self._data_ready:  # restored from a checkpoint: nothing to recompute
             return
-        if self._train is not None:
-            self.n_train = int(self._train.shape[0])
-            self.memorization_gap = float(
-                representation_gap(self._reference, self._train, p=self.p, symmetry=self.symmetry)
+        stages = self._preparation_stages()
+        if announce and stages:
+            sizes = f"{self._reference.shape[0]} reference"
+            if self._train is not None:
+                sizes += f" and {self._train.shape[0]} training"
+            _LOG.info(
+                "GapCallback: preparing the data-only quantities (%s) from %s points of shape %s...",
+                ", ".join(name for name, _ in stages),
+                sizes,
+                tuple(self._reference.shape[1:]),
             )
-            if self._law_option is True:
-                try:
-                    self.law = GapLaw.fit(
-                        self._train,
-                        self._reference,
-                        p=self.p,
-                        symmetry=self.symmetry,
-                        seed=self.seed,
-                        **self.law_options,
-                    )
-                except (ValueError, RuntimeError) as err:
-                    if self.on_error == "raise":
-                        raise
-                    rank_zero_warn(
-                        f"GapCallback could not fit the gap law ({err}); `gap/predicted` will not be"
-                        " logged.",
-                        category=GapEvaluationWarning,
-                    )
-        if self.dimension_method is not None:
-            data = self._train if self._train is not None else self._reference
-            if data.shape[0] > self.dimension_points:
-                g = torch.Generator().manual_seed(self.seed)
-                data = data[torch.randperm(data.shape[0], generator=g)[: self.dimension_points]]
-            try:
-                self.data_dimension = float(intrinsic_dimension(data, method=self.dimension_method))
-            except (ValueError, RuntimeError) as err:
-                if self.on_error == "raise":
-                    raise
-                rank_zero_warn(
-                    f"GapCallback could not estimate id/data ({err}).",
-                    category=GapEvaluationWarning,
-                )
+        with _stage_bar(len(stages), "GapCallback preparing", self.progress and announce) as bar:
+            for name, stage in stages:
+                bar.set_postfix_str(name)
+                stage()
+                bar.update(1)
         self._data_ready = True
+        if announce and stages:
+            _LOG.info(
+                "GapCallback: data ready in %.1f s (%s).",
+                time.perf_counter() - started,
+                self._preparation_summary(),
+            )
+
+    def _preparation_stages(self) -> list[tuple[str, Callable[[], None]]]:
+        stages: list[tuple[str, Callable[[], None]]] = []
+        if self._train is not None:
+            stages.append(("gap/memorization", self._prepare_memorization))
+            if self._law_option is True:
+                stages.append(("gap law", self._prepare_law))
+        if self.dimension_method is not None:
+            stages.append(("id/data", self._prepare_dimension))
+        return stages
+
+    def _prepare_memorization(self) -> None:
+        assert self._train is not None and self._reference is not None
+        self.n_train = int(self._train.shape[0])
+        self.memorization_gap = float(
+            representation_gap(self._reference, self._train, p=self.p, symmetry=self.symmetry)
+        )
+
+    def _prepare_law(self) -> None:
+        try:
+            self.law = GapLaw.fit(
+                self._train,  # type: ignore[arg-type]
+                self._reference,  # type: ignore[arg-type]
+                p=self.p,
+                symmetry=self.symmetry,
+                seed=self.seed,
+                **self.law_options,
+            )
+        except (ValueError, RuntimeError) as err:
+            if self.on_error == "raise":
+                raise
+            self.preparation_failures["gap/predicted"] = str(err)
+            rank_zero_warn(
+                f"GapCallback could not fit the gap law ({err}); `gap/predicted`, `gap/ratio` "
+                "against the law, `gap/effective_n` and `id/law` will not be logged.",
+                category=GapEvaluationWarning,
+            )
+
+    def _prepare_dimension(self) -> None:
+        data = self._train if self._train is not None else self._reference
+        assert data is not None
+        if data.shape[0] > self.dimension_points:
+            g = torch.Generator().manual_seed(self.seed)
+            data = data[torch.randperm(data.shape[0], generator=g)[: self.dimension_points]]
+        try:
+            self.data_dimension = float(intrinsic_dimension(data, method=self.dimension_method))  # type: ignore[arg-type]
+        except (ValueError, RuntimeError) as err:
+            if self.on_error == "raise":
+                raise
+            self.preparation_failures["id/data"] = str(err)
+            rank_zero_warn(
+                f"GapCallback could not estimate id/data ({err}).",
+                category=GapEvaluationWarning,
+            )
+
+    def _preparation_summary(self) -> str:
+        parts = []
+        if self.memorization_gap is not None:
+            parts.append(f"gap/memorization={self.memorization_gap:.4g}")
+        if self.law is not None:
+            parts.append(f"law d={self.law.dimension:.2f}")
+        if self.data_dimension is not None:
+            parts.append(f"id/data={self.data_dimension:.2f}")
+        parts.extend(f"{name} failed" for name in self.preparation_failures)
+        return ", ".join(parts)
 
     # ------------------------------------------------------------------ one evaluation
 
@@ -402,6 +529,7 @@ class GapCallback(Callback):
         }
         self._last_step_evaluated = int(trainer.global_step)
         error: BaseException | None = None
+        local: dict[str, Any] = {}
         try:
             local = self._measure_local(trainer, pl_module, index)
         except Exception as err:
@@ -410,22 +538,39 @@ class GapCallback(Callback):
         all_ok = trainer.strategy.reduce_boolean_decision(error is None, all=True)
         if all_ok:
             try:
-                values = self._reduce(trainer, local)
+                measured = self._reduce(trainer, local)
             except (ValueError, RuntimeError) as err:
                 error, all_ok = err, False
         if not all_ok:
             self._skip(trainer, pl_module, record, error, on_step)
             return
+        failed: dict[str, str] = measured.pop("failed")
+        values = {self.key(k): v for k, v in gap_values(**measured).items()}
+        values[self.key("gap/skipped_evaluations")] = float(self.num_skipped)
         record.update(values)
         self.history.append(record)
-        self._log(pl_module, values, on_step)
-        if self.log_figure and trainer.is_global_zero:
-            self._emit_figure(trainer)
+        self._log(trainer, pl_module, values, on_step)
+        if failed:
+            self._part_failed(record, failed)
+        if not self._scale_checked and trainer.is_global_zero:
+            self._check_scale(local.get("sample_stats"))
+        if (
+            self.log_figure
+            and trainer.is_global_zero
+            and self.figure_every_n_evaluations
+            and (index + 1) % self.figure_every_n_evaluations == 0
+        ):
+            self._emit_figure(trainer, record)
 
     def _measure_local(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int
     ) -> dict[str, Any]:
-        """Draw this rank's share of samples and stream them into the (local) states."""
+        """Draw this rank's share of samples and stream them into the (local) states.
+
+        A fault of the sampler (or the gap's own update) raises; a failure of an optional part
+        (the memorization test, the dimension's update) is recorded in ``failed`` and that part
+        is left out for the rest of the evaluation.
+        """
         assert self._gap_metric is not None and self._reference is not None
         device = pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
@@ -438,24 +583,36 @@ class GapCallback(Callback):
                 method=self.dimension_method, max_points=self.dimension_points, seed=self.seed
             ).to(device)
         train = self._train_on(device)
+        sample_stats = None if self._scale_checked else FeatureStats()
         memorized = 0
+        failed: dict[str, str] = {}
         eval_seed = derive_seed(self.seed, index, rank)
         generator = torch.Generator(device=device).manual_seed(eval_seed)
         with isolated_rng(eval_seed, device), torch.no_grad(), eval_mode(pl_module):
             for n in self._progress(_batch_sizes(n_local, self.sample_batch_size), trainer, index):
                 samples = self._draw(pl_module, n, generator)
                 gap_metric.update(samples)
-                if id_metric is not None:
-                    id_metric.update(samples)
-                if train is not None:
-                    result = memorization(
-                        samples, train, ratio=self.memorization_ratio, symmetry=self.symmetry
-                    )
-                    memorized += int(result.memorized.sum())
+                if sample_stats is not None:
+                    sample_stats.update(samples)
+                if id_metric is not None and "id/samples" not in failed:
+                    try:
+                        id_metric.update(samples)
+                    except Exception as err:
+                        failed["id/samples"] = _describe(err)
+                if train is not None and "gap/memorized_fraction" not in failed:
+                    try:
+                        result = memorization(
+                            samples, train, ratio=self.memorization_ratio, symmetry=self.symmetry
+                        )
+                        memorized += int(result.memorized.sum())
+                    except Exception as err:
+                        failed["gap/memorized_fraction"] = _describe(err)
         return {
             "id_metric": id_metric,
             "memorized": memorized,
             "drawn": n_local,
+            "failed": failed,
+            "sample_stats": sample_stats,
         }
 
     def _train_on(self, device: torch.device) -> Tensor | None:
@@ -480,8 +637,20 @@ class GapCallback(Callback):
         if not isinstance(samples, Tensor):
             raise _EvaluationFault(f"the sampler returned {type(samples).__name__}, not a tensor")
         samples = samples.detach()
-        if self.transform is not None:
-            samples = self.transform(samples)
+        for name, fn in (
+            ("sample_transform", self.sample_transform),
+            ("transform", self.transform),
+        ):
+            if fn is None:
+                continue
+            try:
+                samples = fn(samples)
+            except Exception as err:
+                raise _EvaluationFault(
+                    f"`{name}` raised {type(err).__name__} on the samples: {err}"
+                ) from err
+            if not isinstance(samples, Tensor):
+                raise _EvaluationFault(f"`{name}` returned {type(samples).__name__}, not a tensor")
         assert self._reference is not None
         expected = tuple(self._reference.shape[1:])
         if samples.ndim < 1 or tuple(samples.shape[1:]) != expected:
@@ -503,47 +672,82 @@ class GapCallback(Callback):
             raise _EvaluationFault(f"the sampler returned NaN/Inf in {bad} of {n} samples")
         return samples.to(self._gap_metric.reference.device)  # type: ignore[union-attr]
 
-    def _reduce(self, trainer: pl.Trainer, local: dict[str, Any]) -> dict[str, float]:
-        """Collective part: identical values on every rank."""
+    def _reduce(self, trainer: pl.Trainer, local: dict[str, Any]) -> dict[str, Any]:
+        """Collective part: the reduced measurements, identical on every rank.
+
+        One sum over ranks carries the memorization counts and which optional parts failed
+        anywhere, so every rank leaves out the same parts (and enters the same collectives).
+        """
         assert self._gap_metric is not None
         observed = float(self._gap_metric.compute())
-        values: dict[str, float] = {self.key("gap/observed"): observed}
-        if self._train is not None and self._train.shape[0] >= 2:
-            counts = torch.tensor(
-                [float(local["memorized"]), float(local["drawn"])],
-                dtype=torch.float64,
-                device=self._gap_metric.reference.device,
-            )
-            counts = trainer.strategy.reduce(counts, reduce_op="sum")
-            values[self.key("gap/memorized_fraction")] = float(counts[0] / counts[1])
-        if self.memorization_gap is not None:
-            values[self.key("gap/memorization")] = self.memorization_gap
-        denominator = None
-        if self.law is not None:
-            n = self.n_train or self.law.n_train
-            predicted = float(self.law.predict(n))
-            values[self.key("gap/predicted")] = predicted
-            values[self.key("id/law")] = float(self.law.dimension)
-            if observed > 0:
-                values[self.key("gap/effective_n")] = float(self.law.samples_for(observed))
-            denominator = predicted
-        elif self.memorization_gap:
-            denominator = self.memorization_gap
-        if denominator:
-            values[self.key("gap/ratio")] = observed / denominator
-        if self.data_dimension is not None:
-            values[self.key("id/data")] = self.data_dimension
+        failed: dict[str, str] = dict(local["failed"])
         id_metric = local["id_metric"]
-        if id_metric is not None:
+        counts = torch.tensor(
+            [
+                float(local["memorized"]),
+                float(local["drawn"]),
+                float("gap/memorized_fraction" in failed),
+                float("id/samples" in failed),
+            ],
+            dtype=torch.float64,
+            device=self._gap_metric.reference.device,
+        )
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        for part, flag in (("gap/memorized_fraction", counts[2]), ("id/samples", counts[3])):
+            if float(flag) > 0:
+                failed.setdefault(part, "it failed on another process")
+        memorized_fraction = None
+        if self._train_on(self._gap_metric.reference.device) is not None:
+            if "gap/memorized_fraction" not in failed:
+                memorized_fraction = float(counts[0] / counts[1])
+        sample_dimension = None
+        if id_metric is not None and "id/samples" not in failed:
             try:
-                values[self.key("id/samples")] = float(id_metric.compute())
-            except ValueError as err:
-                rank_zero_warn(
-                    f"GapCallback: id/samples not estimated this time ({err}).",
-                    category=GapEvaluationWarning,
-                )
-        values[self.key("gap/skipped_evaluations")] = float(self.num_skipped)
-        return values
+                sample_dimension = float(id_metric.compute())
+            except (ValueError, RuntimeError) as err:
+                failed["id/samples"] = _describe(err)
+        return {
+            "observed": observed,
+            "memorized_fraction": memorized_fraction,
+            "memorization_gap": self.memorization_gap,
+            "law": self.law,
+            "n_train": self.n_train,
+            "data_dimension": self.data_dimension,
+            "sample_dimension": sample_dimension,
+            "failed": failed,
+        }
+
+    def _part_failed(self, record: dict[str, Any], failed: dict[str, str]) -> None:
+        """Record optional parts that failed in an evaluation that was logged otherwise."""
+        record.setdefault("failed_parts", {}).update(failed)
+        where = (
+            f"GapCallback evaluation {record['evaluation']} (epoch {record['epoch']}, step "
+            f"{record['step']})"
+        )
+        detail = "; ".join(f"{part}: {reason}" for part, reason in failed.items())
+        if self.on_error == "raise":
+            raise RuntimeError(f"{where}: {detail}")
+        rank_zero_warn(
+            f"{where}: left out {', '.join(failed)} ({detail}); every other key was logged.",
+            category=GapEvaluationWarning,
+        )
+
+    def _check_scale(self, sample_stats: FeatureStats | None) -> None:
+        """Warn once when the first samples are clearly on another scale than the references."""
+        if sample_stats is None or self._reference_stats is None:
+            return
+        self._scale_checked = True
+        message = scale_mismatch(self._reference_stats, sample_stats)
+        if message is None:
+            return
+        self.scale_warning = message
+        rank_zero_warn(
+            "GapCallback: the model's samples and the reference points look like they are on "
+            f"different scales ({message}). Distances between them, and so every gap/* value, "
+            "are not meaningful until they are. An untrained model's samples can look like this "
+            "too; this warning is shown once.",
+            category=GapEvaluationWarning,
+        )
 
     def _skip(
         self,
@@ -556,7 +760,7 @@ class GapCallback(Callback):
         reason = (
             f"{error}"
             if isinstance(error, _EvaluationFault)
-            else f"{type(error).__name__}: {error}"
+            else _describe(error)
             if error is not None
             else "an evaluation step failed on another process"
         )
@@ -576,12 +780,24 @@ class GapCallback(Callback):
             stacklevel=2,
         )
         self._log(
-            pl_module, {self.key("gap/skipped_evaluations"): float(self.num_skipped)}, on_step
+            trainer,
+            pl_module,
+            {self.key("gap/skipped_evaluations"): float(self.num_skipped)},
+            on_step,
         )
 
     # ------------------------------------------------------------------ outputs
 
-    def _log(self, pl_module: pl.LightningModule, values: dict[str, float], on_step: bool) -> None:
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        values: dict[str, float],
+        on_step: bool,
+    ) -> None:
+        # Without a logger the values still reach `callback_metrics` (EarlyStopping,
+        # ModelCheckpoint); `logger=False` spares Lightning's "no logger configured" warning.
+        to_logger = bool(trainer.loggers)
         for name, value in values.items():
             pl_module.log(
                 name,
@@ -589,7 +805,7 @@ class GapCallback(Callback):
                 on_step=on_step,
                 on_epoch=not on_step,
                 prog_bar=name == self.key("gap/observed"),
-                logger=True,
+                logger=to_logger,
                 sync_dist=False,
                 batch_size=1,
             )
@@ -606,29 +822,33 @@ class GapCallback(Callback):
             prefix=self.prefix,
         )
 
-    def _emit_figure(self, trainer: pl.Trainer) -> None:
+    def _emit_figure(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
+        """Render the figure once; send it to the loggers at the scalars' step; save the PNG."""
+        from gapcallback.plotting import render_rgb, save_png
+
+        self._figure_evaluation = record["evaluation"]
         try:
-            fig = self.figure()
+            rgb = render_rgb(self.figure())
         except ImportError as err:
             if not self._figure_warned:
                 rank_zero_warn(f"GapCallback: no figure ({err}).")
                 self._figure_warned = True
             return
+        except Exception as err:
+            self._part_failed(record, {"figure": _describe(err)})
+            return
+        # Lightning logs the evaluation's scalars at the step before the optimizer step counter.
+        step = max(int(record["step"]) - 1, 0)
         try:
             tag = self.key("gap/figure")
-            step = int(trainer.global_step)
             for logger in trainer.loggers:
-                _send_figure(logger, tag, fig, step)
+                _send_figure(logger, tag, rgb, step)
             log_dir = trainer.log_dir or trainer.default_root_dir
             path = Path(log_dir) / f"{self.prefix.replace('/', '_')}gap_callback.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=100)
+            save_png(rgb, path)
         except Exception as err:
-            rank_zero_warn(f"GapCallback: could not save/log the figure ({err}).")
-        finally:
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
+            self._part_failed(record, {"figure": _describe(err)})
 
     def _progress(self, sizes: list[int], trainer: pl.Trainer, index: int) -> Iterator[int]:
         if not (self.progress and trainer.is_global_zero and len(sizes) > 1):
@@ -652,16 +872,41 @@ class GapCallback(Callback):
             bar.close()
 
 
-def _send_figure(logger: Any, tag: str, fig: Any, step: int) -> None:
-    """Send ``fig`` to a logger that takes images (TensorBoard, W&B, MLflow); ignore the others."""
+def _send_figure(logger: Any, tag: str, rgb: Any, step: int) -> None:
+    """Send a rendered figure ``[H, W, 3]`` to a logger that takes images; ignore the others."""
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
     if isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_figure(tag, fig, global_step=step, close=False)
+        logger.experiment.add_image(tag, rgb, global_step=step, dataformats="HWC")
     elif isinstance(logger, WandbLogger):
-        logger.log_image(key=tag, images=[fig], step=step)
+        logger.log_image(key=tag, images=[rgb], step=step)
     elif isinstance(logger, MLFlowLogger):
-        logger.experiment.log_figure(logger.run_id, fig, f"{tag.replace('/', '_')}_{step:08d}.png")
+        logger.experiment.log_image(
+            logger.run_id, rgb, artifact_file=f"{tag.replace('/', '_')}_{step:08d}.png"
+        )
+
+
+@contextmanager
+def _stage_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    """A progress bar over ``total`` stages that appears after 2 seconds (a no-op when disabled)."""
+    if not enabled or total == 0:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="stage", leave=False, delay=2.0)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+class _NoBar:
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
 
 
 def _batch_sizes(total: int, batch: int) -> list[int]:
@@ -677,3 +922,67 @@ def _accepts_generator(fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return value
+
+
+def _check_ratio(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`memorization_ratio` must be a number in (0, 1] (Gu et al.: 1/3), got {value!r}."
+        )
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(
+            f"`memorization_ratio` must be in (0, 1] (a sample is a copy when d1 < ratio * d2; "
+            f"Gu et al. use 1/3), got {value}."
+        )
+    return float(value)
+
+
+def _check_dimension_method(method: object) -> str | None:
+    if method is None:
+        return None
+    if not isinstance(method, str) or method not in DIMENSION_METHODS:
+        close = difflib.get_close_matches(str(method), DIMENSION_METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"`dimension_method` must be one of {DIMENSION_METHODS} or None (no id/* keys), got "
+            f"{method!r}.{hint}"
+        )
+    return method
+
+
+def _check_law_options(options: object) -> dict[str, Any]:
+    """``law_options`` as a dict whose keys :meth:`GapLaw.fit` takes (the callback passes
+    ``train``, ``reference``, ``p``, ``symmetry`` and ``seed`` itself)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(
+            f"`law_options` must be a dict of GapLaw.fit keyword arguments, got "
+            f"{type(options).__name__}."
+        )
+    own = {"train", "reference", "p", "symmetry", "seed"}
+    valid = sorted(
+        name for name in inspect.signature(GapLaw.fit).parameters if name not in own | {"cls"}
+    )
+    unknown = sorted(str(k) for k in options if k not in valid)
+    if unknown:
+        taken = sorted(k for k in unknown if k in own)
+        hint = (
+            f" {taken} are GapCallback's own arguments: pass them to GapCallback itself."
+            if taken
+            else ""
+        )
+        raise TypeError(
+            f"`law_options` has unknown key(s) {unknown}; GapLaw.fit takes {valid}.{hint}"
+        )
+    return dict(options)

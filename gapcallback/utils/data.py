@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -14,7 +15,10 @@ Transform = Callable[[Tensor], Tensor]
 
 
 def batch_to_tensor(batch: Any, input_key: int | str, name: str) -> Tensor:
-    """Pick the input tensor out of a loader batch: a tensor, ``batch[input_key]`` otherwise."""
+    """Pick the input tensor out of a loader batch: a tensor (or numpy array), ``batch[input_key]``
+    otherwise."""
+    if isinstance(batch, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(batch))
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, (list, tuple, Mapping)):
@@ -25,12 +29,36 @@ def batch_to_tensor(batch: Any, input_key: int | str, name: str) -> Tensor:
                 f"Cannot find the input in a batch of `{name}` ({type(batch).__name__}) with "
                 f"input_key={input_key!r}; set `input_key=` to its index or key."
             ) from err
+        if isinstance(item, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(item))
         if isinstance(item, Tensor):
             return item
     raise TypeError(
         f"A batch of `{name}` is a {type(batch).__name__}, not a tensor; set `input_key=` to the "
         "position/key of the input tensor in each batch."
     )
+
+
+def check_data_source(source: object, name: str, max_points: int | None) -> None:
+    """Check at construction that ``source`` can be collected: a tensor, a numpy array, or an
+    iterable of batches; an iterable without ``len()`` (a streaming ``IterableDataset``) needs
+    ``max_points``, or collecting it would never end."""
+    if isinstance(source, (Tensor, np.ndarray)):
+        return
+    if isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
+        raise TypeError(
+            f"`{name}` must be a tensor or numpy array [N, *dims], or a DataLoader/iterable of "
+            f"batches, got {type(source).__name__}."
+        )
+    if max_points is None:
+        try:
+            len(source)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(
+                f"`{name}` is an iterable without a length ({type(source).__name__}, e.g. a "
+                "streaming IterableDataset): it may never end. Pass `max_points=` to take at "
+                "most that many points from it."
+            ) from None
 
 
 def collect_points(
@@ -44,12 +72,15 @@ def collect_points(
     """Materialise ``source`` as one ``[N, *dims]`` CPU tensor in task space.
 
     Args:
-        source: a tensor ``[N, *dims]``, or an iterable of batches (e.g. a ``DataLoader``).
+        source: a tensor or numpy array ``[N, *dims]``, or an iterable of batches (e.g. a
+            ``DataLoader``); see :func:`check_data_source`.
         name: argument name used in error messages.
         transform: applied to every tensor (batch) before it is stored.
         input_key: index/key of the input tensor in tuple/list/dict batches.
         max_points: stop after this many points (the first ones in iteration order).
     """
+    if isinstance(source, np.ndarray):
+        source = torch.from_numpy(np.ascontiguousarray(source))
     if isinstance(source, Tensor):
         chunks = [source]
     elif isinstance(source, Iterable) and not isinstance(source, (str, bytes)):

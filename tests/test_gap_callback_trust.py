@@ -1,0 +1,379 @@
+"""First-run trust (issue 12): options fail at construction, optional parts fail alone, samples on
+another scale are flagged, effective n outside the law is nan, the figure is drawn only when due
+and lands on the scalars' step, the data preparation announces itself. Real Trainer, real loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader, IterableDataset
+
+import gapcallback as gc
+from gapcallback.functional import representation_gap
+from gapcallback.utils.value_range import FeatureStats, scale_mismatch
+from tests.lightning_models import PointCloudModel, circle_data, loader
+from tests.test_gap_callback import FAST, column, make_trainer, read_csv_metrics
+
+TRAIN = circle_data(200, seed=0)
+REFERENCE = circle_data(120, seed=1)
+
+
+class Stream(IterableDataset):
+    """An endless stream of points (a streaming data set has no length)."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            angle = torch.rand(1, generator=g) * 2 * torch.pi
+            yield torch.cat([angle.cos(), angle.sin(), torch.zeros(1)])
+
+
+# ---------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"dimension_method": "twonnn"}, ValueError, r"`dimension_method`.*Did you mean 'twonn'"),
+        ({"dimension_method": 3}, ValueError, "`dimension_method`"),
+        (
+            {"law_options": {"repeat": 2}},
+            TypeError,
+            r"`law_options` has unknown key\(s\) \['repeat'\]",
+        ),
+        ({"law_options": {"p": 1.0}}, TypeError, "pass them to GapCallback itself"),
+        ({"law_options": [("k", 3)]}, TypeError, "`law_options` must be a dict"),
+        ({"input_key": 1.5}, TypeError, "`input_key`"),
+        ({"input_key": True}, TypeError, "`input_key`"),
+        ({"memorization_ratio": "x"}, TypeError, "`memorization_ratio`"),
+        ({"memorization_ratio": 2.0}, ValueError, "`memorization_ratio`"),
+        ({"figure_every_n_evaluations": 0}, ValueError, "`figure_every_n_evaluations`"),
+        ({"log_figure": "yes"}, TypeError, "`log_figure`"),
+        ({"progress": 1}, TypeError, "`progress`"),
+        ({"sample_transform": "flip"}, TypeError, "`sample_transform`"),
+        ({"max_points": 0}, ValueError, "`max_points`"),
+    ],
+)
+def test_bad_options_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gc.GapCallback(REFERENCE, **kwargs)
+
+
+def test_bad_data_sources_fail_at_construction():
+    with pytest.raises(TypeError, match="`reference` must be a tensor or numpy array"):
+        gc.GapCallback(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`train` must be"):
+        gc.GapCallback(REFERENCE, train="train.npy")  # type: ignore[arg-type]
+    stream = DataLoader(Stream(), batch_size=10)
+    with pytest.raises(ValueError, match=r"`train` is an iterable without a length.*max_points="):
+        gc.GapCallback(REFERENCE, train=stream)
+
+
+def test_streaming_source_with_max_points(tmp_path):
+    callback = gc.GapCallback(
+        DataLoader(Stream(), batch_size=32),
+        train=TRAIN,
+        max_points=100,
+        num_samples=64,
+        log_figure=False,
+        **FAST,
+    )
+    trainer = make_trainer(tmp_path, [callback], epochs=1)
+    trainer.fit(PointCloudModel(), loader(TRAIN))
+    assert callback._reference.shape == (100, 3)
+    assert len(callback.history) == 1 and not callback.history[0]["skipped"]
+
+
+def test_numpy_reference_equals_tensor_reference(tmp_path):
+    runs = []
+    for reference in (REFERENCE, REFERENCE.numpy()):
+        L.seed_everything(0)
+        callback = gc.GapCallback(
+            reference, train=TRAIN.numpy(), num_samples=64, log_figure=False, **FAST
+        )
+        trainer = make_trainer(tmp_path, [callback], epochs=1)
+        trainer.fit(PointCloudModel(), loader(TRAIN))
+        runs.append(callback.history[0])
+    assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------------------------- parts
+
+
+class CollapsedModel(PointCloudModel):
+    """Every sample is the same point: the gap is defined, the samples' dimension is not."""
+
+    def sample(self, n, generator=None):
+        return self.points[:1].expand(n, -1).clone()
+
+
+def test_a_failing_optional_part_logs_everything_else(tmp_path):
+    callback = gc.GapCallback(REFERENCE, train=TRAIN, num_samples=64, log_figure=False, **FAST)
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(tmp_path, [callback], epochs=2, loggers=logger)
+    with pytest.warns(gc.GapEvaluationWarning, match=r"left out id/samples.*every other key"):
+        trainer.fit(CollapsedModel(), loader(TRAIN))
+    rows = read_csv_metrics(Path(logger.log_dir))
+    for key in ("gap/observed", "gap/memorization", "gap/memorized_fraction", "id/data"):
+        assert len(column(rows, key)) == 2, key
+    assert "id/samples" not in rows[0]
+    assert callback.num_skipped == 0
+    for record in callback.history:
+        assert "3 distinct points" in record["failed_parts"]["id/samples"]
+        samples = trainer.lightning_module.points[:1].detach()
+        assert record["gap/observed"] == pytest.approx(
+            float(representation_gap(REFERENCE, samples)), rel=1e-6
+        )
+
+
+def test_a_failing_optional_part_raises_with_on_error_raise(tmp_path):
+    callback = gc.GapCallback(
+        REFERENCE, num_samples=64, log_figure=False, on_error="raise", dimension_points=100
+    )
+    trainer = make_trainer(tmp_path, [callback], epochs=1)
+    with pytest.raises(RuntimeError, match="id/samples"):
+        trainer.fit(CollapsedModel(), loader(TRAIN))
+
+
+class ImagelessTensorBoard(TensorBoardLogger):
+    """A TensorBoard logger whose image upload fails (a full disk, a closed writer...)."""
+
+    def log_image_fails(self, *args, **kwargs):
+        raise OSError("image upload failed")
+
+    @property
+    def experiment(self):
+        writer = super().experiment
+        writer.add_image = self.log_image_fails
+        return writer
+
+
+def test_a_failing_figure_is_recorded_and_scalars_are_kept(tmp_path):
+    callback = gc.GapCallback(
+        REFERENCE, train=TRAIN, num_samples=64, figure_every_n_evaluations=1, **FAST
+    )
+    logger = ImagelessTensorBoard(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, [callback], epochs=2, loggers=logger)
+    with pytest.warns(gc.GapEvaluationWarning, match="image upload failed"):
+        trainer.fit(PointCloudModel(), loader(TRAIN))
+    assert all("figure" in h["failed_parts"] for h in callback.history)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    assert len(acc.Scalars("gap/observed")) == 2
+
+
+# ---------------------------------------------------------------------------------- scale
+
+
+class MinusOneToOneModel(PointCloudModel):
+    """Works in [-1, 1] while the data lie in [0, 1] (as diffusers' pipelines do)."""
+
+    def sample(self, n, generator=None):
+        return 2.0 * super().sample(n, generator=generator) - 1.0
+
+
+UNIT_TRAIN = (TRAIN + 1.0) / 2.0  # the circle moved into [0, 1]^3
+UNIT_REFERENCE = (REFERENCE + 1.0) / 2.0
+
+
+def _unit_model() -> MinusOneToOneModel:
+    model = MinusOneToOneModel()
+    with torch.no_grad():  # samples 2 * points - 1 start on the data's [-1, 1] image
+        model.points.copy_(UNIT_TRAIN[:48])
+    return model
+
+
+def test_samples_on_another_scale_warn_once_with_the_fix(tmp_path):
+    callback = gc.GapCallback(
+        UNIT_REFERENCE, train=UNIT_TRAIN, num_samples=200, log_figure=False, **FAST
+    )
+    trainer = make_trainer(tmp_path, [callback], epochs=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_unit_model(), loader(UNIT_TRAIN))
+    scale = [w for w in caught if "different scales" in str(w.message)]
+    assert len(scale) == 1
+    message = str(scale[0].message)
+    assert re.search(r"look like (1\.9|2\.0)\d* \* reference - 0\.9\d*\b", message), message
+    assert re.search(r"sample_transform=lambda z: \(z \+ 0\.9\d*\) / (1\.9|2\.0)\d*", message)
+    assert callback.scale_warning is not None
+
+
+def test_sample_transform_maps_samples_back(tmp_path):
+    callback = gc.GapCallback(
+        UNIT_REFERENCE,
+        train=UNIT_TRAIN,
+        num_samples=200,
+        log_figure=False,
+        sample_transform=lambda z: (z + 1.0) / 2.0,
+        transform=lambda x: 10.0 * x,  # applied to samples after sample_transform, and to data
+        **FAST,
+    )
+    trainer = make_trainer(tmp_path, [callback], epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = _unit_model()
+        trainer.fit(model, loader(UNIT_TRAIN))
+    assert not [w for w in caught if "different scales" in str(w.message)]
+    assert callback.scale_warning is None
+    assert callback.memorization_gap == pytest.approx(
+        float(representation_gap(10 * UNIT_REFERENCE, 10 * UNIT_TRAIN)), rel=1e-6
+    )
+    # The samples are (2 x - 1 + 1) / 2 * 10 = 10 x: near the scaled data, not 20x away.
+    assert callback.history[0]["gap/ratio"] < 20
+
+
+def test_scale_mismatch_rule():
+    g = torch.Generator().manual_seed(0)
+    unit = torch.rand(2000, 16, generator=g)
+
+    def stats(x):
+        s = FeatureStats()
+        for chunk in x.split(300):
+            s.update(chunk)
+        return s
+
+    ref = stats(unit)
+    assert scale_mismatch(ref, stats(torch.rand(2000, 16, generator=g))) is None
+    assert scale_mismatch(ref, stats(unit + 0.05 * torch.randn(2000, 16, generator=g))) is None
+    assert "2 * reference - 1." in scale_mismatch(ref, stats(2 * unit - 1))
+    assert scale_mismatch(stats(2 * unit - 1), ref) is not None  # the other way round
+    assert "255 * reference" in scale_mismatch(ref, stats(255 * unit))
+    # Streaming moments equal the one-shot ones (an independent float64 oracle).
+    one = stats(unit.double())
+    assert one.location == pytest.approx(float(unit.double().mean()), rel=1e-12)
+    assert one.scale == pytest.approx(
+        float(unit.double().var(0, unbiased=False).mean().sqrt()), rel=1e-9
+    )
+
+
+# ---------------------------------------------------------------------------------- law range
+
+
+class FarAwayModel(PointCloudModel):
+    def sample(self, n, generator=None):
+        return super().sample(n, generator=generator) + 5.0
+
+
+def test_effective_n_outside_the_law_is_nan(tmp_path):
+    callback = gc.GapCallback(
+        REFERENCE, train=TRAIN, num_samples=64, figure_every_n_evaluations=1, **FAST
+    )
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(tmp_path, [callback], epochs=1, loggers=logger)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gc.GapEvaluationWarning)
+        trainer.fit(FarAwayModel(), loader(TRAIN))
+    record = callback.history[0]
+    law = callback.law
+    raw = float(law.samples_for(record["gap/observed"]))
+    assert raw < float(law.sizes.min())  # the law would answer a size below its range
+    assert np.isnan(record["gap/effective_n"])
+    rows = read_csv_metrics(Path(logger.log_dir))
+    assert rows[0]["gap/effective_n"] == "nan"
+    assert "figure" not in record.get("failed_parts", {}), record  # drawn without that point
+
+
+def test_effective_n_inside_the_law_is_the_law_inverse():
+    from gapcallback.callbacks.gap_values import effective_training_size
+
+    law = gc.GapLaw.from_gaps([100, 200, 400, 800], [0.4, 0.2, 0.1, 0.05])  # R = 40 / n
+    assert effective_training_size(law, 0.01) == pytest.approx(4000)
+    assert effective_training_size(law, 0.2) == pytest.approx(200)
+    assert np.isnan(effective_training_size(law, 1.0))  # n = 40 < 100, the smallest size
+    assert np.isnan(effective_training_size(law, 0.0))
+
+
+# ---------------------------------------------------------------------------------- outputs
+
+
+def test_no_logger_no_warning_and_values_reach_callback_metrics(tmp_path):
+    callback = gc.GapCallback(REFERENCE, train=TRAIN, num_samples=64, **FAST)
+    trainer = make_trainer(tmp_path, [callback], epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(PointCloudModel(), loader(TRAIN))
+    assert not [w for w in caught if "no logger configured" in str(w.message)]
+    assert float(trainer.callback_metrics["gap/observed"]) == pytest.approx(
+        callback.history[-1]["gap/observed"]
+    )
+
+
+def test_figure_cadence_and_same_step_as_the_scalars(tmp_path):
+    callback = gc.GapCallback(
+        REFERENCE, train=TRAIN, num_samples=64, figure_every_n_evaluations=2, **FAST
+    )
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, [callback], epochs=5, loggers=logger)
+    trainer.fit(PointCloudModel(), loader(TRAIN))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalar_steps = [e.step for e in acc.Scalars("gap/observed")]
+    image_steps = [e.step for e in acc.Images("gap/figure")]
+    assert len(scalar_steps) == 5
+    # Evaluations 1 and 3 (every 2nd), then the last one at the end of fitting.
+    assert image_steps == [scalar_steps[1], scalar_steps[3], scalar_steps[4]]
+    png = Path(trainer.log_dir) / "gap_callback.png"
+    assert png.stat().st_size > 1000
+
+
+def test_figure_shows_memorized_fraction_and_a_colour_bar():
+    callback = gc.GapCallback(REFERENCE, train=TRAIN, **FAST)
+    callback._prepare_data()
+    for i, (gap, frac) in enumerate([(0.05, 0.0), (0.01, 0.2), (0.004, 0.6)]):
+        callback.history.append(
+            {
+                "evaluation": i,
+                "epoch": i,
+                "step": 10 * (i + 1),
+                "skipped": False,
+                "gap/observed": gap,
+                "gap/memorized_fraction": frac,
+            }
+        )
+    fig = callback.figure()
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
+    assert "memorized fraction (right)" in labels
+    assert any(ax.get_ylabel() == "global step of the evaluation" for ax in fig.axes)
+    assert any(ax.get_ylabel() == "memorized fraction of samples" for ax in fig.axes)
+
+
+def test_data_preparation_announces_itself(tmp_path):
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep(level=logging.INFO)
+    library = logging.getLogger("gapcallback")
+    library.addHandler(handler)
+    old_level = library.level
+    library.setLevel(logging.INFO)
+    try:
+        callback = gc.GapCallback(REFERENCE, train=TRAIN, num_samples=64, log_figure=False, **FAST)
+        trainer = make_trainer(tmp_path, [callback], epochs=1)
+        trainer.fit(PointCloudModel(), loader(TRAIN))
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(old_level)
+    lines = [r.getMessage() for r in records]
+    start = [m for m in lines if m.startswith("GapCallback: preparing")]
+    done = [m for m in lines if m.startswith("GapCallback: data ready in")]
+    assert (
+        len(start) == 1 and "gap law" in start[0] and "120 reference and 200 training" in start[0]
+    )
+    assert len(done) == 1 and f"law d={callback.law.dimension:.2f}" in done[0]
