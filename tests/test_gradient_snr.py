@@ -262,7 +262,7 @@ def _trainer(tmp_path, callbacks, max_epochs=4, **kw) -> L.Trainer:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
         default_root_dir=tmp_path,
         callbacks=callbacks,
         **kw,
@@ -357,14 +357,83 @@ def test_callback_state_dict_round_trip(tmp_path) -> None:
     assert cb2.stream.count == cb.stream.count
 
 
-def test_callback_constructor_errors() -> None:
-    with pytest.raises(ValueError, match="every_n_steps"):
-        GradientSNR(every_n_steps=0)
-    with pytest.raises(TypeError, match="loss_fn"):
-        GradientSNR(loss_fn="mse")
-    with pytest.raises(TypeError, match="probe_batch"):
-        GradientSNR(probe_batch=3)
-    with pytest.raises(ValueError, match="at least 2 samples"):
-        GradientSNR(probe_batch=(torch.ones(1, 2), torch.ones(1)))
-    with pytest.raises(ValueError, match="n must"):
-        GradientSNR(n=0)
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"every_n_steps": 0}, ValueError, "`every_n_steps` must be >= 1"),
+        ({"every_n_steps": 2.5}, TypeError, "`every_n_steps` must be an int"),
+        ({"every_n_steps": True}, TypeError, "`every_n_steps`"),
+        ({"loss_fn": "mse"}, TypeError, "`loss_fn` must be callable"),
+        ({"probe_batch": 3}, TypeError, "`probe_batch` must be None"),
+        ({"probe_batch": (torch.ones(1, 2), torch.ones(1))}, ValueError, "at least 2 samples"),
+        ({"n": 0}, ValueError, "`n` must be >= 1"),
+        ({"n": 1.5}, TypeError, "`n` must be None or an int"),
+        ({"val_loss_key": 3}, TypeError, "`val_loss_key`"),
+        ({"val_loss_key": ""}, TypeError, "`val_loss_key`"),
+        ({"train_loss_key": 5}, TypeError, "`train_loss_key`"),
+        ({"figure_path": 3}, TypeError, "`figure_path`"),
+        ({"method": "vmapp"}, ValueError, r"`method` must be one of 'vmap', 'loop'.*'vmap'\?"),
+        ({"chunk_size": 0}, ValueError, "`chunk_size` must be >= 1"),
+        ({"chunk_size": "8"}, TypeError, "`chunk_size`"),
+        ({"log_open_gates": "yes"}, TypeError, "`log_open_gates` must be True or False"),
+    ],
+)
+def test_callback_constructor_errors(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        GradientSNR(**kwargs)
+
+
+class FrozenPart(Regressor):
+    """A regressor whose dropout 'encoder' the user keeps frozen in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Dropout(0.5)
+        self.encoder.requires_grad_(False)
+        self.modes: list[tuple[bool, bool]] = []
+
+    def on_train_start(self) -> None:
+        self.encoder.eval()
+
+    def per_sample_loss(self, batch):
+        x, y = batch
+        return (self.net(self.encoder(x)).squeeze(-1) - y) ** 2
+
+    def training_step(self, batch, batch_idx):
+        self.modes.append((self.training, self.encoder.training))
+        return super().training_step(batch, batch_idx)
+
+
+def test_exact_probe_keeps_each_submodule_mode(tmp_path) -> None:
+    """After each probe the model trains again, but a frozen eval submodule stays in eval."""
+    x, y, train, _ = _data()
+    cb = GradientSNR(probe_batch=(x[:16], y[:16]), every_n_steps=1)
+    model = FrozenPart()
+    _trainer(tmp_path, [cb], max_epochs=1).fit(model, train)
+    assert len(cb.history) == 4  # a report after every step
+    assert model.modes == [(True, False)] * 4
+
+
+def test_two_instances_have_their_own_checkpoint_slot(tmp_path) -> None:
+    x, y, train, val = _data()
+
+    def callbacks():
+        return [
+            GradientSNR(every_n_steps=2),
+            GradientSNR(probe_batch=(x[:16], y[:16]), every_n_steps=3),
+        ]
+
+    first = callbacks()
+    assert first[0].state_key != first[1].state_key
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(tmp_path, [*first, ckpt], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(Regressor(), train, val)
+    assert first[0].history != first[1].history and len(first[1].history) == 2
+
+    second = callbacks()
+    resumed = _trainer(tmp_path, second, max_epochs=2)
+    resumed.fit(Regressor(), train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for before, after in zip(first, second, strict=True):
+        assert after.history == before.history
+        assert after.observed == before.observed
+        assert after.state_dict() == before.state_dict()

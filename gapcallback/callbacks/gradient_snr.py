@@ -18,7 +18,7 @@ key                             meaning
 Two estimators:
 
 * **exact** (``probe_batch`` given): per-sample gradients of a fixed probe batch by ``torch.func``
-  (the model is put in ``eval()`` mode for the probe and restored). Costs about one backward pass
+  (the model is put in ``eval()`` mode for the probe; each submodule gets its own mode back). Costs about one backward pass
   per probe sample, every ``every_n_steps`` steps. The training-loss decrease is measured on the
   probe batch.
 * **streaming** (no probe batch): Welford over the minibatch gradients of the last
@@ -34,6 +34,7 @@ recorded too and :meth:`GradientSNR.plot` shows the predicted against the observ
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,13 @@ from gapcallback.functional.gradient_snr import (
     per_sample_gradients,
 )
 from gapcallback.plotting import require_matplotlib
+from gapcallback.utils.checks import (
+    check_bool,
+    check_choice,
+    check_optional_int,
+    check_positive_int,
+)
+from gapcallback.utils.modes import eval_mode
 
 __all__ = ["GradientSNR"]
 
@@ -118,6 +126,14 @@ class GradientSNR(L.Callback):
         chunk_size: ``vmap`` chunk size to bound probe memory.
         log_open_gates: log ``snr/open_gates`` if the optimizer exposes ``open_gate_fraction()``.
 
+    Raises:
+        TypeError, ValueError: at construction, for an argument of the wrong type or out of range
+            (each message names the argument and the fix).
+
+    Several instances can share a Trainer (e.g. an exact and a streaming one, or two intervals):
+    each has its own checkpoint slot (:attr:`state_key`), built from the arguments that change
+    what it measures.
+
     Example:
         >>> cb = GradientSNR(every_n_steps=20)                        # streaming
         >>> cb = GradientSNR(probe_batch=(x_probe, y_probe),           # doctest: +SKIP
@@ -141,25 +157,37 @@ class GradientSNR(L.Callback):
         log_open_gates: bool = True,
     ) -> None:
         super().__init__()
-        if (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+        every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(
-                "loss_fn must be callable as loss_fn(model, batch) -> per-sample losses [B]."
+                "`loss_fn` must be callable as loss_fn(model, batch) -> per-sample losses [B], got "
+                f"{type(loss_fn).__name__}."
             )
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"n must be a positive integer number of samples, got {n!r}.")
-        if method not in ("vmap", "loop"):
-            raise ValueError(f"Unknown method {method!r}: expected 'vmap' or 'loop'.")
+        n = check_optional_int(n, "n")
+        if not isinstance(val_loss_key, str) or not val_loss_key:
+            raise TypeError(
+                "`val_loss_key` must be the (non-empty) name of the logged validation loss, got "
+                f"{val_loss_key!r}."
+            )
+        if train_loss_key is not None and (
+            not isinstance(train_loss_key, str) or not train_loss_key
+        ):
+            raise TypeError(
+                "`train_loss_key` must be None (use the probe/window loss) or the name of a logged "
+                f"training loss, got {train_loss_key!r}."
+            )
+        if figure_path is not None and not isinstance(figure_path, (str, os.PathLike)):
+            raise TypeError(
+                f"`figure_path` must be None or a file path (str or Path), got {figure_path!r}."
+            )
+        method = check_choice(method, "method", ("vmap", "loop"))
+        chunk_size = check_optional_int(chunk_size, "chunk_size")
+        log_open_gates = check_bool(log_open_gates, "log_open_gates")
         if probe_batch is not None and not isinstance(
             probe_batch, (Tensor, Mapping, list, tuple, torch.utils.data.DataLoader)
         ):
             raise TypeError(
-                "probe_batch must be None (streaming estimate), a Tensor, a tuple/list/dict of "
+                "`probe_batch` must be None (streaming estimate), a Tensor, a tuple/list/dict of "
                 f"tensors or a DataLoader, got {type(probe_batch).__name__}."
             )
         if isinstance(probe_batch, torch.utils.data.DataLoader):
@@ -168,7 +196,8 @@ class GradientSNR(L.Callback):
             size = _batch_len(probe_batch)
             if size is None or size < 2:
                 raise ValueError(
-                    f"probe_batch needs at least 2 samples along its leading dimension, got {size}."
+                    f"`probe_batch` needs at least 2 samples along its leading dimension, got {size}"
+                    "; pass a larger batch of training samples (or None for the streaming estimate)."
                 )
         self.probe_batch = probe_batch
         self.every_n_steps = every_n_steps
@@ -341,16 +370,13 @@ class GradientSNR(L.Callback):
         else:
             loss_fn = self._resolve_loss_fn(pl_module)
             batch = _to_device(self.probe_batch, pl_module.device)
-            was_training = pl_module.training
-            pl_module.eval()
-            try:
+            # Each submodule gets its own mode back (a frozen encoder stays in eval mode).
+            with eval_mode(pl_module):
                 grads = per_sample_gradients(
                     pl_module, loss_fn, batch, method=self.method, chunk_size=self.chunk_size
                 )
                 with torch.no_grad():
                     train_loss = float(loss_fn(pl_module, batch).float().mean())
-            finally:
-                pl_module.train(was_training)
             mean_d, var_d = gradient_moments(grads)
             mean, var = list(mean_d.values()), list(var_d.values())
 
@@ -440,6 +466,18 @@ class GradientSNR(L.Callback):
         ax2.legend(fontsize=8)
         fig.tight_layout()
         return fig
+
+    @property
+    def state_key(self) -> str:
+        """Checkpoint slot: distinct for instances that measure differently (mode, interval...)."""
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            streaming=self.streaming,
+            n=self.n,
+            val_loss_key=self.val_loss_key,
+            train_loss_key=self.train_loss_key,
+            method=self.method,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
