@@ -28,11 +28,23 @@ Because every true neighbour is provably a candidate, the result is exact: dupli
 ``0`` and near-duplicates are as accurate as the direct difference. Memory is bounded by the block
 sizes, never ``N x M``. Matmuls run in IEEE fp32/fp64 with autocast disabled, whatever the user's
 ``float32_matmul_precision``.
+
+Range. The screen works on centred data scaled by a power of two (exact) whenever the centred
+magnitudes leave :math:`[2^{-30}, 2^{30}]`, so that its products neither overflow nor fall into
+the subnormal range where rounding errors are absolute and the slack above no longer bounds them:
+data at any scale that the exact re-check can represent is searched exactly. The result is cast
+to the output dtype by one rule shared by every search (plain or with ``symmetry=``,
+:func:`output_sq_dists`): a squared distance too large for it is a ``ValueError`` (rescale the data
+or pass float64), and where a non-zero squared distance is below its smallest normal number
+(float32: :math:`1.2 \cdot 10^{-38}`, i.e. fp32 data at scales below about :math:`10^{-19}`), which
+the cast would flush to zero or store with reduced precision, the exact float64 distances are
+returned instead.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -51,13 +63,14 @@ from gapcallback.utils.precision import full_precision
 if TYPE_CHECKING:
     from gapcallback.symmetry.base import Symmetry
 
-__all__ = ["KNNResult", "knn"]
+__all__ = ["KNNResult", "knn", "output_sq_dists"]
 
 _DEFAULT_QUERY_BLOCK = 1024
 _DEFAULT_POINT_BLOCK = 2048
 _TILE = 64  # columns per tile whose minimum screens for candidates
 _PENDING_PER_ROW = 64  # candidates buffered per query row before an exact re-check
 _RECHECK_ELEMENTS = 1 << 22  # elements per chunk of the exact re-check (32 MiB in float64)
+_SCREEN_EXPONENT = 30  # screen operands are rescaled when centred magnitudes leave 2^[-30, 30]
 
 
 class KNNResult(NamedTuple):
@@ -65,12 +78,86 @@ class KNNResult(NamedTuple):
 
     Attributes:
         sq_dists: ``[N, k]`` squared distances, ascending along the last dimension; float32, or
-            float64 when an input is float64.
+            float64 when an input is float64 or when float32 would flush a non-zero squared
+            distance to zero (see :func:`output_sq_dists`).
         indices: ``[N, k]`` int64 indices into ``points`` (ties: lower index first).
     """
 
     sq_dists: Tensor
     indices: Tensor
+
+
+class DistanceRangeError(ValueError):
+    """Squared distances that a floating dtype cannot hold, raised inside a search.
+
+    The public entry points catch it and raise a ``ValueError`` naming the user's own arguments
+    (:meth:`message`); raised from a :class:`~gapcallback.symmetry.Symmetry`'s ``knn`` called
+    directly, its message names ``queries`` and ``points``.
+
+    Attributes:
+        kind: ``"overflow"`` or ``"underflow"``.
+        dtype: the dtype that cannot hold the values.
+        value: the offending squared distance (largest for an overflow, smallest for an underflow).
+    """
+
+    def __init__(self, kind: str, dtype: torch.dtype, value: float) -> None:
+        self.kind = kind
+        self.dtype = dtype
+        self.value = value
+        super().__init__(self.message(("queries", "points")))
+
+    def message(self, names: Sequence[str]) -> str:
+        """The error message, naming the user's arguments ``names`` (one or two)."""
+        return range_message(self.kind, self.dtype, self.value, names)
+
+
+def range_message(kind: str, dtype: torch.dtype, value: float, names: Sequence[str]) -> str:
+    """Message of a squared distance (or gap) ``value`` outside the range of ``dtype``."""
+    a, b = (names[0], names[-1]) if names else ("queries", "points")
+    who = f"points of `{a}`" if a == b else f"`{a}` and `{b}`"
+    info = torch.finfo(dtype)
+    if kind == "overflow":
+        shown = "are" if not math.isfinite(value) else f"reach {value:.3g},"
+        fix = "rescale the data (e.g. divide it by its standard deviation)"
+        if dtype != torch.float64:
+            fix += " or pass float64 tensors"
+        return (
+            f"squared distances between {who} {shown} too large for {dtype} (largest "
+            f"{info.max:.3g}): the data's scale is out of range; {fix}."
+        )
+    return (
+        f"squared distances between {who} go down to {value:.3g}, below the smallest normal "
+        f"{dtype} number ({info.tiny:.3g}), so they cannot be represented; rescale the data (e.g. "
+        "multiply it by 2**500)."
+    )
+
+
+def output_sq_dists(values: Tensor, dtype: torch.dtype) -> Tensor:
+    r"""Cast exact squared distances (float64) to the output ``dtype``: the rule of every search.
+
+    * a value too large for ``dtype`` (or non-finite: beyond float64 itself) raises
+      :class:`DistanceRangeError` (a ``ValueError``): the distances cannot be returned in ``dtype``,
+      rescale the data or pass float64 tensors;
+    * if some non-zero value is below the smallest normal number of ``dtype`` (float32:
+      :math:`1.2 \cdot 10^{-38}`), the cast would flush it to zero (or keep only a few bits), and a
+      distance of zero means a duplicate: ``values`` are returned unchanged, in float64;
+    * otherwise ``values.to(dtype)``.
+
+    Exact zeros (duplicates) stay exactly zero. ``values`` already in ``dtype`` are only checked.
+    """
+    if values.numel() == 0:
+        return values.to(dtype)
+    info = torch.finfo(dtype)
+    top = float(values.max())
+    if not top <= info.max:  # also NaN
+        over = values.dtype if not math.isfinite(top) else dtype
+        raise DistanceRangeError("overflow", over, top)
+    if values.dtype == dtype:
+        return values
+    small = (values > 0) & (values < info.tiny)
+    if bool(small.any()):
+        return values
+    return values.to(dtype)
 
 
 def knn(
@@ -99,12 +186,18 @@ def knn(
             ``12 * query_block * point_block`` bytes. Default ``(1024, 2048)`` (about 25 MB).
 
     Returns:
-        :class:`KNNResult` ``(sq_dists [N, k], indices [N, k])``.
+        :class:`KNNResult` ``(sq_dists [N, k], indices [N, k])``. ``sq_dists`` is float32, or
+        float64 when an input is float64; also float64 when a non-zero squared distance is below
+        float32's smallest normal number (fp32 data at scales below about ``1e-19``), which float32
+        would flush to zero (see :func:`output_sq_dists`).
 
     Raises:
-        TypeError: non-tensor, integer or complex inputs.
-        ValueError: empty sets, NaN/Inf, mismatched feature sizes, different devices, or ``k``
-            larger than the number of candidate points.
+        TypeError: non-tensor (numpy arrays, lists: convert with ``torch.as_tensor``), integer,
+            bool or complex inputs.
+        ValueError: empty sets, NaN/Inf, mismatched feature sizes, different devices, ``meta``
+            tensors, ``k`` larger than the number of candidate points, or squared distances too
+            large for the output dtype (float32 data beyond about ``1e19``: rescale, or pass
+            float64).
 
     Example:
         >>> import torch
@@ -113,25 +206,59 @@ def knn(
         >>> knn(torch.tensor([[3.0, 4.0]]), x, k=2)
         KNNResult(sq_dists=tensor([[ 0., 25.]]), indices=tensor([[1, 0]]))
     """
-    # Finiteness is checked inside the search, from the norms it computes anyway.
-    queries = check_point_set(queries, "queries", finite=symmetry is not None)
-    points = check_point_set(points, "points", finite=symmetry is not None)
-    check_same_device(queries, points, "queries", "points")
-    check_same_features(queries, points, "queries", "points")
+    names = ("queries", "points")
+    res = exact_knn(
+        queries,
+        points,
+        k,
+        exclude_self=exclude_self,
+        symmetry=symmetry,
+        block_size=block_size,
+        names=names,
+    )
+    dtype = compute_dtype(queries, points)
+    try:
+        return KNNResult(output_sq_dists(res.sq_dists, dtype), res.indices)
+    except DistanceRangeError as err:
+        raise ValueError(err.message(names)) from None
+
+
+def exact_knn(
+    queries: Tensor,
+    points: Tensor,
+    k: int = 1,
+    *,
+    exclude_self: bool = False,
+    symmetry: Symmetry | None = None,
+    block_size: tuple[int, int] | None = None,
+    names: tuple[str, str] = ("queries", "points"),
+) -> KNNResult:
+    """:func:`knn` with the exact squared distances (float64; float32 on MPS), before the output cast.
+
+    For the library's public functions built on the search: ``names`` are the user-facing names
+    of ``queries`` and ``points`` (``("reference", "samples")`` for the gap), used in every error
+    message; each caller then casts its own outputs (:func:`output_sq_dists`).
+    """
+    name_q, name_p = names
+    # Finiteness is checked inside the plain search, from the norms it computes anyway.
+    queries = check_point_set(queries, name_q, finite=symmetry is not None)
+    points = check_point_set(points, name_p, finite=symmetry is not None)
+    check_same_device(queries, points, name_q, name_p)
+    check_same_features(queries, points, name_q, name_p)
     k = check_positive_int(k, "k")
     if not isinstance(exclude_self, bool):
-        raise TypeError(f"`exclude_self` must be a bool, got {exclude_self!r}.")
+        raise TypeError(f"`exclude_self` must be a bool (True or False), got {exclude_self!r}.")
     available = points.shape[0] - (1 if exclude_self else 0)
     if exclude_self and queries.shape[0] != points.shape[0]:
         raise ValueError(
-            "`exclude_self=True` searches a set within itself, so `queries` and `points` must be the"
-            f" same set; got {queries.shape[0]} queries and {points.shape[0]} points. Call "
+            f"`exclude_self=True` searches a set within itself, so `{name_q}` and `{name_p}` must be"
+            f" the same set; got {queries.shape[0]} and {points.shape[0]} points. Call "
             "`knn(x, x, k, exclude_self=True)`."
         )
     if k > available:
         extra = " other" if exclude_self else ""
         raise ValueError(
-            f"k={k} neighbours requested but only {available}{extra} points are available; use "
+            f"`k`={k} neighbours requested but `{name_p}` has only {available}{extra} points; use "
             f"k <= {available} or pass more points."
         )
     query_block, point_block = _block_sizes(block_size)
@@ -141,17 +268,27 @@ def knn(
         if not isinstance(symmetry, Symmetry):
             raise TypeError(
                 "`symmetry` must be a gapcallback.symmetry object (FiniteGroup, CyclicShifts, "
-                f"RigidMotions, Permutations), got {type(symmetry).__name__}."
+                f"RigidMotions, Permutations) or None, got {type(symmetry).__name__}."
             )
-        return symmetry.knn(queries, points, k, exclude_self=exclude_self)
-    return _knn_exact(
-        queries.reshape(queries.shape[0], -1),
-        points.reshape(points.shape[0], -1),
-        k,
-        exclude_self,
-        query_block,
-        point_block,
-    )
+        symmetry.check_shape(queries, name_q)
+        symmetry.check_shape(points, name_p)
+    try:
+        if symmetry is not None:
+            res = symmetry.knn(queries, points, k, exclude_self=exclude_self)
+            if not bool(torch.isfinite(res.sq_dists).all()):
+                raise DistanceRangeError("overflow", res.sq_dists.dtype, float("inf"))
+            return res
+        return _knn_exact(
+            queries.reshape(queries.shape[0], -1),
+            points.reshape(points.shape[0], -1),
+            k,
+            exclude_self,
+            query_block,
+            point_block,
+            names=names,
+        )
+    except DistanceRangeError as err:
+        raise ValueError(err.message(names)) from None
 
 
 def _block_sizes(block_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -180,8 +317,13 @@ def _knn_exact(
     exclude_self: bool,
     query_block: int,
     point_block: int,
+    *,
+    names: tuple[str, str] = ("queries", "points"),
 ) -> KNNResult:
-    """Core of :func:`knn` on validated, flattened ``[N, D]`` / ``[M, D]`` inputs."""
+    """Core of :func:`knn` on validated, flattened ``[N, D]`` / ``[M, D]`` inputs.
+
+    Returns the exact squared distances in float64 (float32 on MPS), before the output cast.
+    """
     dtype = compute_dtype(queries, points)
     exact_dtype = _exact_dtype(points.device, dtype)
     n, dim = queries.shape
@@ -189,23 +331,29 @@ def _knn_exact(
     with full_precision(points.device.type):
         q = queries.to(dtype)
         x = points.to(dtype)
+        same = exclude_self and _same_set(queries, points)
         centre = (x.sum(dim=0, dtype=exact_dtype) / m).to(dtype)
+        # Screen operands from data scaled by a power of two when the centred magnitudes are
+        # extreme (exact; module docstring); the re-check always uses the raw inputs.
+        exponent = screen_exponent(centred_magnitude(x, centre), centred_magnitude(q, centre))
+        if exponent:
+            xs = ldexp(x, exponent)
+            qs_ = xs if same else ldexp(q, exponent)
+            centre_s = ldexp(centre, exponent)
+        else:
+            xs, qs_, centre_s = x, q, centre
         # float64 inputs are screened in float32 (twice the GEMM speed) when that is finite; the
         # rounding of the inputs to float32 is inside the slack below, and the re-check is float64.
         screen = torch.float32 if dtype == torch.float64 else dtype
-        same = exclude_self and _same_set(queries, points)
-        q_aug, x_aug, q_norms, x_norms = _gemm_operands(q, x, centre, screen, same)
+        q_aug, x_aug, q_norms, x_norms = _gemm_operands(qs_, xs, centre_s, screen, same)
         if screen != dtype and not _all_finite(q_norms, x_norms):
             screen = dtype
-            q_aug, x_aug, q_norms, x_norms = _gemm_operands(q, x, centre, screen, same)
+            q_aug, x_aug, q_norms, x_norms = _gemm_operands(qs_, xs, centre_s, screen, same)
         # NaN/Inf in an input shows up in the norms: one cheap test instead of a full pass.
         if not _all_finite(q_norms, x_norms):
-            check_finite(queries, "queries")
-            check_finite(points, "points")
-            raise ValueError(
-                f"`queries`/`points` hold values too large for {dtype} (squared norms overflow);"
-                " rescale the data or pass float64 tensors."
-            )
+            check_finite(queries, names[0])
+            check_finite(points, names[1])
+            raise DistanceRangeError("overflow", dtype, float("inf"))
         eps = torch.finfo(screen).eps
         # Twice a bound on the rounding error of one entry (see the module docstring), per query row.
         slack = 2.0 * (2 * dim + 16) * eps * (q_norms + x_norms.max())
@@ -213,8 +361,8 @@ def _knn_exact(
         if same:
             block = max(1, int(math.sqrt(query_block * point_block)))
             best_d, best_i = _self_search(x, q_aug, x_aug, slack, k, block, exact_dtype)
-            return KNNResult(best_d.to(dtype), best_i)
-        out_d = torch.empty(n, k, dtype=dtype, device=points.device)
+            return KNNResult(best_d, best_i)
+        out_d = torch.empty(n, k, dtype=exact_dtype, device=points.device)
         out_i = torch.empty(n, k, dtype=torch.long, device=points.device)
         # One block buffer reused for every product (no allocation per block).
         buffer = torch.empty(
@@ -248,7 +396,7 @@ def _knn_exact(
                     pending, n_pending = [], 0
             bound = running.amax(dim=1) + slack[qs:qe]
             best_d, best_i = _recheck(q[qs:qe], x, pending, bound, best_d, best_i)
-            out_d[qs:qe] = best_d.to(dtype)
+            out_d[qs:qe] = best_d
             out_i[qs:qe] = best_i
     return KNNResult(out_d, out_i)
 
@@ -261,6 +409,33 @@ def _same_set(queries: Tensor, points: Tensor) -> bool:
         and queries.stride() == points.stride()
         and queries.dtype == points.dtype
     )
+
+
+def centred_magnitude(x: Tensor, centre: Tensor) -> float:
+    """``max |x - centre|`` over all entries of ``x`` ``[N, D]`` (one pass, no ``[N, D]`` copy)."""
+    lo, hi = torch.aminmax(x, dim=0)
+    return float(torch.maximum(hi - centre, centre - lo).amax())
+
+
+def screen_exponent(*magnitudes: float) -> int:
+    """Power of two ``s`` bringing the largest of ``magnitudes`` near 1, or 0 when it is within
+    ``2^[-30, 30]`` (or zero, or not finite: left to the finiteness checks)."""
+    top = max(magnitudes)
+    if not (top > 0.0 and math.isfinite(top)):
+        return 0
+    e = math.frexp(top)[1]  # top = f * 2**e with 0.5 <= f < 1
+    if -_SCREEN_EXPONENT <= e <= _SCREEN_EXPONENT:
+        return 0
+    return max(-1000, min(1000, -e))
+
+
+def ldexp(x: Tensor, exponent: int) -> Tensor:
+    """``x * 2**exponent``, exact unless it under/overflows, in steps the dtype can represent."""
+    while exponent:
+        step = max(-100, min(100, exponent))
+        x = x * (2.0**step)
+        exponent -= step
+    return x
 
 
 def _self_search(
@@ -474,7 +649,20 @@ def _direct_sq_dists(
         e = min(s + chunk, q_idx.shape[0])
         diff = q[q_idx[s:e]].to(exact_dtype) - x[x_idx[s:e]].to(exact_dtype)
         out[s:e] = diff.square().sum(dim=1)
+        if q.dtype == exact_dtype:  # no wider dtype: the squares can underflow
+            check_underflow(out[s:e], diff)
     return out
+
+
+def check_underflow(sq: Tensor, diff: Tensor) -> None:
+    """Raise :class:`DistanceRangeError` when a squared distance ``sq`` ``[T]`` (or ``[T, G]``) of
+    differences ``diff`` ``[T, D]`` (``[T, G, D]``) lost a non-zero difference to underflow."""
+    tiny = torch.finfo(sq.dtype).tiny
+    small = sq < tiny
+    if bool(small.any()) and bool((diff[small] != 0).any()):
+        raise DistanceRangeError(
+            "underflow", sq.dtype, float(sq[small & (diff != 0).any(-1)].min())
+        )
 
 
 def _merge_topk(

@@ -60,6 +60,10 @@ from gapcallback.functional.knn import (
     _exact_dtype,
     _merge_topk,
     _surviving,
+    centred_magnitude,
+    check_underflow,
+    ldexp,
+    screen_exponent,
 )
 from gapcallback.utils.checks import compute_dtype
 from gapcallback.utils.precision import full_precision
@@ -238,8 +242,8 @@ def split_orbit_knn(
         chunk: queries per chunk (the coset images of a chunk are screened together).
 
     Returns:
-        ``(d [N, |H| * k_search], i [N, |H| * k_search])``: squared distances (compute dtype) and point
-        indices, coset-major per query (for the caller's distinct top-k over ``h``).
+        ``(d [N, |H| * k_search], i [N, |H| * k_search])``: exact squared distances (float64; float32
+        on MPS) and point indices, coset-major per query (for the caller's distinct top-k over ``h``).
     """
     dtype = compute_dtype(queries, points)
     device = points.device
@@ -255,11 +259,14 @@ def split_orbit_knn(
         x = points.to(dtype)
         # A G-invariant centre: g (z - c) = g z - c for every g, so the coset images of centred
         # queries are centred too.
-        centre = x.sum(dim=0, dtype=dtype) / m
+        centre = (x.sum(dim=0, dtype=exact_dtype) / m).to(dtype)
         centre = centre[elements.reshape(-1, dim)].mean(dim=0)  # averaged over the group
+        # Screen on data scaled by a power of two when its centred magnitudes are extreme (exact;
+        # see gapcallback.functional.knn), so that the screen neither overflows nor underflows.
+        exponent = screen_exponent(centred_magnitude(x, centre), centred_magnitude(q, centre))
         # Eigenspace coordinates in the input's precision (float64 inputs: float64, then rounded).
         weights = split.weights.to(device=device, dtype=dtype)
-        ux = eigen_coordinates(x - centre, split)  # [M, D + 1]
+        ux = eigen_coordinates(ldexp(x, exponent) - ldexp(centre, exponent), split)  # [M, D + 1]
         x_norms = (ux.square() * weights).sum(dim=1)  # Parseval: ||x - c||^2
         screen = torch.float32 if dtype == torch.float64 else dtype
         if screen != dtype and not bool(torch.isfinite(x_norms.to(screen)).all()):
@@ -273,12 +280,12 @@ def split_orbit_knn(
         point_block = max(1, _DEFAULT_POINT_BLOCK // max(1, n_e // 2))
         chunk = max(1, min(chunk, _DEFAULT_QUERY_BLOCK, n))
         buffer = torch.empty(n_e * chunk * min(point_block, m), dtype=screen, device=device)
-        out_d = torch.empty(n, n_h, k_search, dtype=dtype, device=device)
+        out_d = torch.empty(n, n_h, k_search, dtype=exact_dtype, device=device)
         out_i = torch.empty(n, n_h, k_search, dtype=torch.long, device=device)
         for qs in range(0, n, chunk):
             qe = min(qs + chunk, n)
             rows = qe - qs
-            qw = q[qs:qe] - centre
+            qw = ldexp(q[qs:qe], exponent) - ldexp(centre, exponent)
             for h in range(n_h):
                 # Coset image h y as eigenspace coordinates (never materialised).
                 ub = eigen_coordinates(qw, split, split.cosets[h])  # [B, D + 1]
@@ -314,7 +321,7 @@ def split_orbit_knn(
                 best_d, best_i = _recheck_orbit(
                     q[qs:qe], x, pending, bound, best_d, best_i, elements[h]
                 )
-                out_d[qs:qe, h] = best_d.to(dtype)
+                out_d[qs:qe, h] = best_d
                 out_i[qs:qe, h] = best_i
     return out_d.view(n, -1), out_i.view(n, -1)
 
@@ -367,5 +374,8 @@ def _recheck_orbit(
         yr = y[rows[s:e]].to(best_d.dtype)
         imgs = yr.gather(1, flat.expand(e - s, -1)).view(e - s, n_e, dim)
         diff = imgs - x[cols[s:e]].to(best_d.dtype)[:, None, :]
-        dists[s:e] = diff.square().sum(dim=2).amin(dim=1)
+        sq = diff.square().sum(dim=2)
+        if y.dtype == best_d.dtype:  # no wider dtype: the squares can underflow
+            check_underflow(sq, diff)
+        dists[s:e] = sq.amin(dim=1)
     return _merge_topk(best_d, best_i, rows, dists, cols, best_d.shape[1])

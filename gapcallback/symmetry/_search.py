@@ -84,7 +84,8 @@ def stacked_orbit_knn(
             :math:`|G|` images; the result is the same.
 
     Returns:
-        :class:`KNNResult` with squared orbit distances ``[N, k]`` (ascending, ties: lower index).
+        :class:`KNNResult` with exact squared orbit distances ``[N, k]`` (float64; float32 on MPS;
+        ascending, ties: lower index). The caller casts them (``functional.knn.output_sq_dists``).
 
     Exactness: if point :math:`j` is among the k nearest in orbit distance, attained at :math:`g^*`,
     every point ranked before :math:`j` for the query :math:`g^* y` is also ranked before it in orbit

@@ -46,8 +46,12 @@ class Symmetry(ABC):
     ) -> KNNResult:
         """Exact k nearest neighbours in orbit distance; inputs are already validated.
 
-        Returns squared orbit distances ``[N, k]`` (ascending) and indices ``[N, k]`` into
-        ``points``. With ``exclude_self`` the whole orbit of point ``i`` is excluded for query ``i``.
+        Returns exact squared orbit distances ``[N, k]`` (ascending; float64, or float32 on MPS)
+        and indices ``[N, k]`` into ``points``; :func:`gapcallback.functional.knn` casts them to
+        the output dtype (:func:`gapcallback.functional.knn.output_sq_dists`). With
+        ``exclude_self`` the whole orbit of point ``i`` is excluded for query ``i``. Squared
+        distances that float64 cannot hold raise
+        :class:`gapcallback.functional.knn.DistanceRangeError`.
         """
 
     def check_shape(self, x: Tensor, name: str) -> None:  # noqa: B027 - optional hook

@@ -48,7 +48,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gapcallback.functional.knn import KNNResult
+from gapcallback.functional.knn import KNNResult, ldexp, screen_exponent
 from gapcallback.symmetry._central_split import MAX_INVOLUTIONS, MIN_WIDTH
 from gapcallback.symmetry._search import bounded_search, stacked_orbit_knn
 from gapcallback.symmetry.base import Symmetry
@@ -215,6 +215,11 @@ class CyclicShifts(Symmetry):
             centre = x_raw.mean(dim=(0, *range(2, 2 + nd)), keepdim=True)
             q_c = q_raw - centre
             x_c = x_raw - centre
+            # Screen in units scaled by a power of two when the centred magnitudes are extreme
+            # (exact), so that the screening FFTs neither overflow nor underflow; bounds are
+            # returned in the data's units and re-checks use the raw inputs.
+            exponent = screen_exponent(float(q_c.abs().amax()), float(x_c.abs().amax()))
+            q_c, x_c = ldexp(q_c, exponent), ldexp(x_c, exponent)
             q_norm = q_c.square().sum(dim=tuple(range(1, q_c.ndim)))
             x_norm = x_c.square().sum(dim=tuple(range(1, x_c.ndim)))
             n_shifts = math.prod(sizes)
@@ -243,7 +248,7 @@ class CyclicShifts(Symmetry):
                 total = q_norm[qs:qe, None] + x_norm[None, ps:pe]
                 approx = total - 2.0 * best
                 slack = screen_factor * total
-                return approx - slack, approx + slack
+                return ldexp(approx - slack, -2 * exponent), ldexp(approx + slack, -2 * exponent)
 
             def exact(rows: Tensor, cols: Tensor) -> Tensor:
                 out = torch.empty(rows.numel(), dtype=torch.float64, device=points.device)
@@ -260,8 +265,7 @@ class CyclicShifts(Symmetry):
                 n, m, k, exclude_self, points.device, screen, exact,
                 query_block=qb, point_block=pb,
             )  # fmt: skip
-        dtype = compute_dtype(queries, points)
-        return KNNResult(dists.to(dtype), idx)
+        return KNNResult(dists, idx)
 
     def _pair_exact(
         self,

@@ -30,11 +30,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from gapcallback.functional.knn import KNNResult
-from gapcallback.functional.knn import knn as _plain_knn
+from gapcallback.functional.knn import KNNResult, exact_knn
 from gapcallback.symmetry._search import merge_topk, stacked_orbit_knn
 from gapcallback.symmetry.base import Symmetry
-from gapcallback.utils.checks import compute_dtype
 
 __all__ = ["FiniteGroup"]
 
@@ -277,28 +275,27 @@ def knn_over_images(
     """Top-k over point indices of ``min_g ||q - (g points)_j||^2``, one exact kNN per image.
 
     ``images`` yields the transformed point sets ``g . points`` (row ``j`` the image of point
-    ``j``); later images equal to the first (the identity's) are skipped.
+    ``j``); later images equal to the first (the identity's) are skipped. Returns exact float64
+    squared distances (float32 on MPS).
     """
     n = queries.shape[0]
     best_d: Tensor | None = None
     best_i: Tensor | None = None
     first: Tensor | None = None
-    dtype = torch.float32
     for moved in images:
         if first is not None and torch.equal(moved[:1], first[:1]) and torch.equal(moved, first):
             continue  # acts on the data as the identity: nothing new to search
         if best_d is None:
             first = moved
-            dtype = compute_dtype(queries, moved)
             best_d = torch.full((n, k), float("inf"), dtype=torch.float64, device=moved.device)
             best_i = torch.full((n, k), -1, dtype=torch.long, device=moved.device)
-        res = _plain_knn(queries, moved, k, exclude_self=exclude_self)
+        res = exact_knn(queries, moved, k, exclude_self=exclude_self)
         rows = torch.arange(n, device=moved.device).repeat_interleave(k)
         best_d, best_i = merge_topk(
             best_d, best_i, rows, res.sq_dists.reshape(-1), res.indices.reshape(-1)
         )
     assert best_d is not None and best_i is not None
-    return KNNResult(best_d.to(dtype), best_i)
+    return KNNResult(best_d, best_i)
 
 
 def _point_dims(dims: Sequence[int], name: str) -> tuple[int, ...]:

@@ -39,7 +39,6 @@ from gapcallback.functional.knn import KNNResult
 from gapcallback.symmetry._search import bounded_search
 from gapcallback.symmetry.base import Symmetry
 from gapcallback.symmetry.rigid_motions import RigidMotions
-from gapcallback.utils.checks import compute_dtype
 from gapcallback.utils.precision import full_precision
 
 __all__ = ["Permutations"]
@@ -165,8 +164,7 @@ class Permutations(Symmetry):
                 n, m, k, exclude_self, points.device, screen, exact,
                 query_block=qb, point_block=pb, first_batch=k + 1,
             )  # fmt: skip
-        dtype = compute_dtype(queries, points)
-        return KNNResult(dists.to(dtype), idx)
+        return KNNResult(dists, idx)
 
     def _pair_distances(self, y: Tensor, z: Tensor) -> Tensor:
         """Orbit distances of paired sets ``[T, n, f]`` (float64), one assignment per pair."""

@@ -30,7 +30,6 @@ from torch import Tensor
 from gapcallback.functional.knn import KNNResult
 from gapcallback.symmetry._search import bounded_search
 from gapcallback.symmetry.base import Symmetry
-from gapcallback.utils.checks import compute_dtype
 from gapcallback.utils.precision import full_precision
 
 __all__ = ["RigidMotions", "kabsch"]
@@ -128,8 +127,7 @@ class RigidMotions(Symmetry):
                 n, m, k, exclude_self, points.device, screen, exact,
                 query_block=qb, point_block=pb,
             )  # fmt: skip
-        dtype = compute_dtype(queries, points)
-        return KNNResult(dists.to(dtype), idx)
+        return KNNResult(dists, idx)
 
     def __repr__(self) -> str:
         return (
