@@ -2,7 +2,13 @@ r"""Memorization test for generated samples (Gu et al. 2023).
 
 A sample :math:`z` is *memorized* when its nearest training point is much closer than the second
 nearest: :math:`d_1(z) < \text{ratio} \cdot d_2(z)` (``ratio = 1/3``), or when it coincides with a
-training point (:math:`d_1 = 0`).
+training point (:math:`d_1 = 0 < d_2`). A sample at distance 0 from two training points
+(:math:`d_1 = d_2 = 0`: a duplicated training point) is not counted, since the ratio
+:math:`d_1 / d_2` is undefined there; deduplicate the training set
+(:func:`gapcallback.functional.deduplicate`) to count copies of duplicated points.
+
+The test is decided on the exact float64 distances, so it does not depend on the inputs' dtype:
+float32 data at tiny scales (where the squared distances underflow float32) is judged correctly.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
 
-from gapcallback.functional.knn import knn
+from gapcallback.functional.knn import DistanceRangeError, exact_knn, output_sq_dists
+from gapcallback.utils.checks import check_point_set, compute_dtype
 
 if TYPE_CHECKING:
     from gapcallback.symmetry.base import Symmetry
@@ -23,8 +30,10 @@ class MemorizationResult(NamedTuple):
     """Result of :func:`memorization`.
 
     Attributes:
-        fraction: 0-dim tensor, fraction of samples that are memorized.
-        nearest_distances: ``[M]`` Euclidean distance of each sample to its nearest training point.
+        fraction: 0-dim tensor, fraction of samples that are memorized (the inputs' dtype: float32,
+            or float64 for a float64 input).
+        nearest_distances: ``[M]`` Euclidean distance of each sample to its nearest training point
+            (same dtype, or float64 where float32 would flush a non-zero distance to zero).
         memorized: ``[M]`` bool mask of memorized samples.
     """
 
@@ -42,10 +51,11 @@ def memorization(
 ) -> MemorizationResult:
     r"""Fraction of ``samples`` that copy a training point.
 
-    .. math:: \text{memorized}(z) = \big[d_1(z) < \text{ratio}\; d_2(z)\big] \lor \big[d_1(z) = 0\big]
+    .. math:: \text{memorized}(z) = \big[d_1(z) < \text{ratio}\; d_2(z)\big] \lor
+        \big[d_1(z) = 0 < d_2(z)\big]
 
     with :math:`d_1, d_2` the distances from :math:`z` to its nearest and second-nearest training
-    points.
+    points (exact, float64).
 
     Args:
         samples: ``[M, D]`` (or ``[M, *dims]``) generated samples.
@@ -55,17 +65,34 @@ def memorization(
 
     Returns:
         :class:`MemorizationResult` ``(fraction, nearest_distances [M], memorized [M])``.
+
+    Raises:
+        TypeError: non-tensor inputs (numpy arrays, lists: convert with ``torch.as_tensor``),
+            non-float dtypes, a non-numeric ``ratio``.
+        ValueError: ``ratio`` outside ``(0, 1]``, fewer than 2 training points, empty sets,
+            NaN/Inf, mismatched shapes or devices, ``meta`` tensors.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise TypeError(f"`ratio` must be a number in (0, 1], got {ratio!r}.")
+        raise TypeError(
+            f"`ratio` must be a number in (0, 1] (Gu et al. use 1/3), got {ratio!r} "
+            f"({type(ratio).__name__})."
+        )
     if not 0.0 < float(ratio) <= 1.0:
         raise ValueError(f"`ratio` must be in (0, 1] (Gu et al. use 1/3), got {ratio}.")
-    if isinstance(train, Tensor) and train.ndim >= 1 and train.shape[0] < 2:
+    train = check_point_set(train, "train", finite=symmetry is not None)
+    if train.shape[0] < 2:
         raise ValueError(
-            f"`train` needs at least 2 points to compare nearest and second-nearest distances, got "
+            "`train` needs at least 2 points to compare nearest and second-nearest distances, got "
             f"{train.shape[0]}."
         )
-    sq = knn(samples, train, 2, symmetry=symmetry).sq_dists
+    names = ("samples", "train")
+    sq = exact_knn(samples, train, 2, symmetry=symmetry, names=names).sq_dists
     d1, d2 = sq[:, 0].sqrt(), sq[:, 1].sqrt()
-    memorized = (d1 < float(ratio) * d2) | (d1 == 0)
-    return MemorizationResult(memorized.to(d1.dtype).mean(), d1, memorized)
+    memorized = (d1 < float(ratio) * d2) | ((d1 == 0) & (d2 > 0))
+    dtype = compute_dtype(samples, train)
+    fraction = memorized.to(sq.dtype).mean().to(dtype)
+    try:
+        nearest = output_sq_dists(d1, dtype)
+    except DistanceRangeError as err:  # distances beyond float32 (data near its largest values)
+        raise ValueError(err.message(names)) from None
+    return MemorizationResult(fraction, nearest, memorized)
