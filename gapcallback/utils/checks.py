@@ -23,31 +23,40 @@ def check_point_set(
 ) -> Tensor:
     """Validate a set of points ``[N, *feature_dims]`` and return it unchanged.
 
-    Checks: a ``torch.Tensor``; real floating dtype (fp16, bf16, fp32, fp64); at least two
-    dimensions (``[N, D]`` or ``[N, C, H, W]`` ...); non-empty unless ``allow_empty``; finite
-    (skipped with ``finite=False`` by callers that detect NaN/Inf more cheaply themselves).
+    Checks: a ``torch.Tensor`` (numpy arrays and lists are refused with a ``TypeError`` saying how
+    to convert them, as torchmetrics does); real floating dtype (fp16, bf16, fp32, fp64); not on
+    the ``meta`` device (no data); at least two dimensions (``[N, D]`` or ``[N, C, H, W]`` ...);
+    at least one feature; non-empty unless ``allow_empty``; finite (skipped with ``finite=False``
+    by callers that detect NaN/Inf more cheaply themselves).
     """
     if not isinstance(x, Tensor):
         raise TypeError(
             f"`{name}` must be a torch.Tensor of shape [N, D] (or [N, *dims]), got {type(x).__name__}."
-            " Convert it first, e.g. torch.as_tensor(array, dtype=torch.float32)."
+            f" Convert it first, e.g. `{name} = torch.as_tensor({name}, dtype=torch.float32)`."
         )
     if x.is_complex() or x.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"`{name}` has dtype {x.dtype}; distances need a real floating dtype "
-            "(float16, bfloat16, float32 or float64). Cast it, e.g. `x.float()`."
+            f"(float16, bfloat16, float32 or float64). Cast it, e.g. `{name}.float()`."
+        )
+    if x.device.type == "meta":
+        raise ValueError(
+            f"`{name}` is on the meta device: it has a shape {tuple(x.shape)} but no data, so no "
+            "distance can be computed; pass a tensor holding the actual points (materialise it "
+            "on 'cpu' or 'cuda' first)."
         )
     if x.ndim < 2:
         raise ValueError(
             f"`{name}` must have shape [N, D] (one row per point), got shape {tuple(x.shape)}."
-            " For N scalar points use `x.unsqueeze(-1)`; for a single point use `x.unsqueeze(0)`."
+            f" For N scalar points use `{name}.unsqueeze(-1)`; for a single point use "
+            f"`{name}.unsqueeze(0)`."
         )
-    if x.shape[0] == 0 and not allow_empty:
-        raise ValueError(f"`{name}` is empty (shape {tuple(x.shape)}); pass at least one point.")
-    if x[0].numel() == 0:
+    if math.prod(x.shape[1:]) == 0:
         raise ValueError(
             f"`{name}` has zero features per point (shape {tuple(x.shape)}); each point needs D >= 1."
         )
+    if x.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"`{name}` is empty (shape {tuple(x.shape)}); pass at least one point.")
     if finite:
         check_finite(x, name)
     return x
