@@ -31,7 +31,6 @@ computed once at the start of fitting and kept in the callback's ``state_dict``.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import time
 import warnings
@@ -47,15 +46,20 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from gapcallback.callbacks.gap_values import gap_values
-from gapcallback.functional.intrinsic_dimension import METHODS as DIMENSION_METHODS
-from gapcallback.functional.intrinsic_dimension import intrinsic_dimension
+from gapcallback.functional.intrinsic_dimension import check_dimension_method, intrinsic_dimension
 from gapcallback.functional.memorization import memorization
 from gapcallback.functional.representation_gap import representation_gap
 from gapcallback.law import GapLaw
 from gapcallback.metrics.intrinsic_dimension import IntrinsicDimension
 from gapcallback.metrics.representation_gap import RepresentationGap
 from gapcallback.symmetry.base import Symmetry
-from gapcallback.utils.checks import check_exponent, check_positive_int
+from gapcallback.utils.checks import (
+    check_bool,
+    check_exponent,
+    check_number,
+    check_optional_int,
+    check_positive_int,
+)
 from gapcallback.utils.data import Transform, check_data_source, collect_points
 from gapcallback.utils.log import get_logger
 from gapcallback.utils.modes import eval_mode
@@ -233,9 +237,7 @@ class GapCallback(Callback):
                 f"`input_key` must be the int position or str key of the input tensor in each "
                 f"loader batch, got {input_key!r}."
             )
-        self.max_points = (
-            None if max_points is None else check_positive_int(max_points, "max_points")
-        )
+        self.max_points = check_optional_int(max_points, "max_points")
         check_data_source(reference, "reference", self.max_points)
         if train is not None:
             check_data_source(train, "train", self.max_points)
@@ -249,19 +251,19 @@ class GapCallback(Callback):
         self.sample_batch_size = check_positive_int(sample_batch_size, "sample_batch_size")
         self._law_option = law
         self.law_options = _check_law_options(law_options)
-        self.dimension_method = _check_dimension_method(dimension_method)
+        self.dimension_method = dimension_method
+        if dimension_method is not None:
+            check_dimension_method(dimension_method, name="dimension_method")
         self.dimension_points = check_positive_int(dimension_points, "dimension_points", minimum=3)
         self.memorization_ratio = _check_ratio(memorization_ratio)
         self.input_key = input_key
         self.seed = check_positive_int(seed, "seed", minimum=0)
         self.on_error = on_error
-        self.log_figure = _check_bool(log_figure, "log_figure")
-        self.figure_every_n_evaluations = (
-            None
-            if figure_every_n_evaluations is None
-            else check_positive_int(figure_every_n_evaluations, "figure_every_n_evaluations")
+        self.log_figure = check_bool(log_figure, "log_figure")
+        self.figure_every_n_evaluations = check_optional_int(
+            figure_every_n_evaluations, "figure_every_n_evaluations"
         )
-        self.progress = _check_bool(progress, "progress")
+        self.progress = check_bool(progress, "progress")
         self.prefix = prefix
 
         self.history: list[dict[str, Any]] = []
@@ -928,36 +930,14 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
-    return value
-
-
 def _check_ratio(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"`memorization_ratio` must be a number in (0, 1] (Gu et al.: 1/3), got {value!r}."
-        )
-    if not 0.0 < float(value) <= 1.0:
+    ratio = check_number(value, "memorization_ratio", minimum=0.0, maximum=1.0)
+    if not ratio:
         raise ValueError(
-            f"`memorization_ratio` must be in (0, 1] (a sample is a copy when d1 < ratio * d2; "
+            "`memorization_ratio` must be in (0, 1] (a sample is a copy when d1 < ratio * d2; "
             f"Gu et al. use 1/3), got {value}."
         )
-    return float(value)
-
-
-def _check_dimension_method(method: object) -> str | None:
-    if method is None:
-        return None
-    if not isinstance(method, str) or method not in DIMENSION_METHODS:
-        close = difflib.get_close_matches(str(method), DIMENSION_METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"`dimension_method` must be one of {DIMENSION_METHODS} or None (no id/* keys), got "
-            f"{method!r}.{hint}"
-        )
-    return method
+    return ratio
 
 
 def _check_law_options(options: object) -> dict[str, Any]:
