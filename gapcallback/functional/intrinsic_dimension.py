@@ -217,7 +217,7 @@ def intrinsic_dimension_estimate(
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
-    x = check_point_set(x, "x")
+    x = check_point_set(x, "x").detach()  # an estimate of the data, not a differentiable loss
     dup_tol = options.pop("dup_tol", DEFAULT_DUP_TOL)
     if isinstance(dup_tol, bool) or not isinstance(dup_tol, (int, float)) or not dup_tol >= 0:
         raise ValueError(f"`dup_tol` must be a number >= 0, got {dup_tol!r}.")
