@@ -39,9 +39,18 @@ boundaries bias it at large ones: see :func:`multiscale_dimension` for the estim
     predicts a cosine :math:`c_f(d_f)`. The families are sorted by :math:`c_f` and :math:`\hat d`
     is interpolated linearly in :math:`\bar c` between the two that bracket the observed cosine
     (the nearest family when it lies outside). The uncertainty is the delta method on
-    :math:`(\hat m, \bar c)` with their per-point covariance. Simulations are seeded and cached by
-    ``(family, d, n, k, seed)``, so the estimate is deterministic and repeated calls cost one
-    neighbour search.
+    :math:`(\hat m, \bar c)` with their per-point covariance.
+
+    The grid of simulated dimensions is fixed (1 to 12, then steps of about 15% up to 512): a
+    family is read up to the first grid dimension at or above the ambient dimension ``D`` and its
+    reading clamped to ``D``. A set of more than 4000 points is split into equal chunks of at most
+    4000, compared with references of the chunk size. For the defaults ``k=10, seed=0`` the
+    references come from a table shipped with the package
+    (:mod:`gapcallback.functional.calibration_table`: every family and grid dimension, 28
+    reference sizes from 11 to 4000, interpolated linearly in :math:`\log n`), so no call simulates
+    anything, whatever ``N``; other ``k`` or ``seed`` simulate the references once per process
+    (announced by one INFO line on the ``gapcallback`` logger; seeded by ``(family, d, n, k,
+    seed)`` and memoised), so the estimate is deterministic either way.
 
 Duplicates and near-duplicates (distance below ``dup_tol`` times the data's RMS radius) would give
 :math:`r_1 = 0` and break every estimator; they are merged first (one representative per group).
@@ -50,7 +59,7 @@ Duplicates and near-duplicates (distance below ``dup_tol`` times the data's RMS 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -71,6 +80,7 @@ from gapcallback.utils.checks import (
     check_same_features,
     compute_dtype,
 )
+from gapcallback.utils.log import get_logger
 
 __all__ = [
     "METHODS",
@@ -110,6 +120,8 @@ _CALIBRATION_MAX_REPEATS = 6
 _CALIBRATION_MAX_DIM = 512
 _COS_BLOCK_ELEMENTS = 1 << 22  # rows per block of the neighbour-direction tensor [B, k, D]
 
+_LOG = get_logger("intrinsic_dimension")
+
 
 class DimensionEstimate(NamedTuple):
     """Result of :func:`intrinsic_dimension_estimate`.
@@ -120,7 +132,8 @@ class DimensionEstimate(NamedTuple):
         method: the method name.
         n_points: points used after merging duplicates.
         details: method-specific extras (``k``, ``raw`` uncalibrated value, ``cos`` mean neighbour
-            cosine and ``reference`` family weights of ``"calibrated"``, ``sizes``/``gaps`` ...).
+            cosine, ``reference`` family weights and ``tabulated``, whether the references came
+            from the shipped table, of ``"calibrated"``; ``sizes``/``gaps`` ...).
     """
 
     dimension: Tensor
@@ -608,8 +621,7 @@ def _calibrated(
     seed = check_positive_int(seed, "seed", minimum=0)
     families = _check_references(references)
     n = points.shape[0]
-    chunks = max(1, math.ceil(n / _CALIBRATION_MAX_POINTS))
-    size = n // chunks
+    chunks, size, ref_n = _calibration_sizes(n)
     if chunks == 1:
         s, c = _geometry_stats(points, k)
     else:
@@ -622,18 +634,18 @@ def _calibrated(
     if s_mean <= 0:
         raise ValueError("All k nearest-neighbour distances are equal; the MLE is undefined.")
     raw, cos = (k - 1) / s_mean, float(c.mean())
-    ref_n = _reference_size(size)
-    d, fam = _match_references(raw, cos, ref_n, k, seed, points.shape[1], families)
+    refs = _References(ref_n, k, seed)
+    d, fam = _match_references(raw, cos, refs, points.shape[1], families)
     # Delta method on (raw, cos): per-point covariance of (s_i, c_i), central differences of the map.
     cov = torch.cov(torch.stack([s, c])).numpy() / m if m > 1 else np.zeros((2, 2))
     h_raw, h_cos = 1e-3 * raw, 1e-3 * max(abs(cos), 1e-2)
     grad_raw = (
-        _match_references(raw + h_raw, cos, ref_n, k, seed, points.shape[1], families)[0]
-        - _match_references(raw - h_raw, cos, ref_n, k, seed, points.shape[1], families)[0]
+        _match_references(raw + h_raw, cos, refs, points.shape[1], families)[0]
+        - _match_references(raw - h_raw, cos, refs, points.shape[1], families)[0]
     ) / (2 * h_raw)
     grad_cos = (
-        _match_references(raw, cos + h_cos, ref_n, k, seed, points.shape[1], families)[0]
-        - _match_references(raw, cos - h_cos, ref_n, k, seed, points.shape[1], families)[0]
+        _match_references(raw, cos + h_cos, refs, points.shape[1], families)[0]
+        - _match_references(raw, cos - h_cos, refs, points.shape[1], families)[0]
     ) / (2 * h_cos)
     # d(raw)/d(mean s) = -raw / mean s
     g = np.array([grad_raw * (-raw / s_mean), grad_cos])
@@ -646,6 +658,7 @@ def _calibrated(
         "reference_points": ref_n,
         "chunks": chunks,
         "reference": fam,
+        "tabulated": refs.tabulated,
     }
     return d, std, details
 
@@ -723,7 +736,13 @@ def _reference_sample(family: str, dim: int, n: int, gen: torch.Generator) -> Te
 @lru_cache(maxsize=4096)
 def _reference_stats(family: str, dim: int, n: int, k: int, seed: int) -> tuple[float, float]:
     """Pooled raw MLE and mean neighbour cosine of ``family`` in dimension ``dim`` (n points, seeded;
-    repeated until at least ``_CALIBRATION_MIN_SIM_POINTS`` points were simulated)."""
+    repeated until at least ``_CALIBRATION_MIN_SIM_POINTS`` points were simulated).
+
+    The simulation behind the shipped table (:mod:`gapcallback.functional.calibration_table`),
+    called by the estimator only outside it. Memoised per process (``functools.lru_cache``, at most
+    4096 entries of two floats): ``cache_info().misses`` counts the simulations, ``cache_clear()``
+    forgets them.
+    """
     repeats = min(_CALIBRATION_MAX_REPEATS, max(1, math.ceil(_CALIBRATION_MIN_SIM_POINTS / n)))
     key = 1_000_003 * seed + 7919 * dim + 31 * n + k + 104_729 * REFERENCE_FAMILIES.index(family)
     gen = torch.Generator().manual_seed(key % (1 << 62))
@@ -735,46 +754,91 @@ def _reference_stats(family: str, dim: int, n: int, k: int, seed: int) -> tuple[
     return (k - 1) / (s_total / repeats), c_total / repeats
 
 
-def _next_dim(dim: int, top: int) -> int:
-    """The calibration grid: every dimension up to 12, then steps of about 15%."""
-    return dim + 1 if dim < 12 else min(top, max(dim + 1, round(dim * 1.15)))
+def _dimension_grid(top: int) -> tuple[int, ...]:
+    """The calibration grid: every dimension up to 12, then steps of about 15% (rounded), the last
+    one clamped to ``top``."""
+    dims = [1]
+    while dims[-1] < top:
+        dim = dims[-1]
+        dims.append(dim + 1 if dim < 12 else min(top, max(dim + 1, round(dim * 1.15))))
+    return tuple(dims)
+
+
+_CALIBRATION_DIMS = _dimension_grid(_CALIBRATION_MAX_DIM)
+"""The fixed grid of simulated dimensions (39 values, 1 to 512), whatever the ambient dimension."""
+
+
+class _References:
+    """The reference statistics one ``"calibrated"`` estimate reads: ``refs(family, dim)`` is the
+    ``(raw MLE, mean cosine)`` of ``family`` in dimension ``dim`` at one ``(n, k, seed)``.
+
+    Read from the shipped table (:mod:`gapcallback.functional.calibration_table`: ``k = 10``,
+    ``seed = 0`` and every reference size the estimator uses) where it holds them, so nothing is
+    simulated; otherwise simulated by :func:`_reference_stats` (memoised for the process), and the
+    first simulation of the estimate is announced by one INFO line on the ``gapcallback`` logger.
+    """
+
+    def __init__(self, n: int, k: int, seed: int) -> None:
+        # Imported here: the table module imports this one (the simulation it tabulates).
+        from gapcallback.functional import calibration_table
+
+        self.n, self.k, self.seed = n, k, seed
+        self.tabulated = calibration_table.covers(n, k, seed)
+        self._lookup = calibration_table.lookup
+        self._announced = False
+
+    def __call__(self, family: str, dim: int) -> tuple[float, float]:
+        if self.tabulated:
+            value = self._lookup(family, dim, self.n, self.k, self.seed)
+            if value is not None:
+                return value
+        misses = _reference_stats.cache_info().misses
+        value = _reference_stats(family, dim, self.n, self.k, self.seed)
+        if not self._announced and _reference_stats.cache_info().misses > misses:
+            self._announced = True
+            _LOG.info(
+                "calibrating the intrinsic-dimension estimator for k=%d, seed=%d at n=%d reference"
+                " points (not in the shipped table, which holds k=10, seed=0): simulating the"
+                " reference families; this takes a while; cached for this process",
+                self.k,
+                self.seed,
+                self.n,
+            )
+        return value
 
 
 def _family_reading(
-    family: str, raw: float, n: int, k: int, seed: int, top: int
+    family: str, raw: float, refs: Callable[[str, int], tuple[float, float]], top: int
 ) -> tuple[float, float]:
     """Dimension ``d_f`` at which ``family``'s raw MLE equals ``raw`` (linear interpolation on the
-    grid, over the monotone envelope), and the family's mean neighbour cosine at ``d_f``.
+    grid, over the monotone envelope, at most ``top``), and the family's mean neighbour cosine there.
 
-    The grid is extended only until the simulated statistic passes ``raw`` (or ``top``); every grid
-    value is seeded by its own key, so the reading does not depend on what is cached.
+    The grid is walked only until the reference statistic passes ``raw`` or a grid dimension
+    reaches ``top`` (the fixed grid :data:`_CALIBRATION_DIMS`, whatever ``top``, so that every
+    ambient dimension reads the shipped table); every grid value is seeded by its own key, so the
+    reading does not depend on what is cached.
     """
     dims: list[float] = []
     raws: list[float] = []
     coss: list[float] = []
-    dim = 1
-    while True:
-        value, cos = _reference_stats(family, dim, n, k, seed)
+    for dim in _CALIBRATION_DIMS:
+        value, cos = refs(family, dim)
         dims.append(float(dim))
         raws.append(max(value, raws[-1]) if raws else value)
         coss.append(cos)
         if value > raw or dim >= top:
             break
-        dim = _next_dim(dim, top)
     if raw <= raws[0]:
         return dims[0] * raw / raws[0], coss[0]
-    if raw >= raws[-1]:
-        return dims[-1], coss[-1]
-    d = float(np.interp(raw, raws, dims))
+    d = dims[-1] if raw >= raws[-1] else float(np.interp(raw, raws, dims))
+    d = min(d, float(top))
     return d, float(np.interp(d, dims, coss))
 
 
 def _match_references(
     raw: float,
     cos: float,
-    n: int,
-    k: int,
-    seed: int,
+    refs: _References,
     ambient: int,
     families: tuple[str, ...] = REFERENCE_FAMILIES,
 ) -> tuple[float, dict[str, float]]:
@@ -785,7 +849,7 @@ def _match_references(
     linearly in ``cos`` between the two that bracket it (the nearest family outside the range).
     """
     top = min(_CALIBRATION_MAX_DIM, max(ambient, 2))
-    readings = sorted((*_family_reading(f, raw, n, k, seed, top)[::-1], f) for f in families)
+    readings = sorted((*_family_reading(f, raw, refs, top)[::-1], f) for f in families)
     cs = [r[0] for r in readings]
     if cos <= cs[0]:
         return readings[0][1], {readings[0][2]: 1.0}
@@ -811,6 +875,19 @@ def _check_references(references: object) -> tuple[str, ...]:
             f"`references` must be distinct names from {REFERENCE_FAMILIES}, got {names!r}."
         )
     return tuple(f for f in REFERENCE_FAMILIES if f in names)
+
+
+def _calibration_sizes(n: int) -> tuple[int, int, int]:
+    """``(chunks, points per chunk, reference size)`` of the calibration of ``n`` points.
+
+    ``chunks = ceil(n / 4000)`` equal chunks of ``n // chunks`` points (so 2000 to 4000 points each
+    above 4000), compared with references of that size rounded by :func:`_reference_size`: never
+    more than 4000, so inside the shipped table (sizes 11 to 4000) for every ``n`` that ``k = 10``
+    neighbours allow.
+    """
+    chunks = max(1, math.ceil(n / _CALIBRATION_MAX_POINTS))
+    size = n // chunks
+    return chunks, size, _reference_size(size)
 
 
 def _reference_size(n: int) -> int:
