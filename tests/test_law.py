@@ -364,3 +364,239 @@ def test_group_size_read_from_shape_dependent_symmetry():
     signals = torch.cos(grid + phase) + 0.05 * torch.randn(300, 8, generator=g)
     law = GapLaw.fit(signals[:200], signals[200:], symmetry=CyclicShifts(), num_sizes=4, repeats=2)
     assert law.group_size == 8
+
+
+# ---------------------------------------------------------------------- exactness and cost of fit
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Brute-force float64 squared distances by direct difference (orbit {x, -x} with ``flip``)."""
+    a, b = a.double(), b.double()
+    d = (a[:, None] - b[None]).square().sum(-1)
+    return torch.minimum(d, (a[:, None] + b[None]).square().sum(-1)) if flip else d
+
+
+def _brute_force_fit_terms(train, reference, law, *, repeats, seed, pooled, flip=False):
+    """Per-size mean gaps of GapLaw.fit's subsets (same shuffles), and the references' gap.
+
+    Each pass shuffles the pool with the fit's generator and cuts it into disjoint blocks; the gap
+    terms are exact nearest-neighbour distances within each block (leave-one-out when pooled).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.cat([train, reference]) if pooled else train
+    total = pool.shape[0]
+    n_max = total - 1 if pooled else total
+    gaps = []
+    for size in law.sizes.long().tolist():
+        block = size + 1 if pooled else size
+        cell_means = []
+        for _ in range(1 if size == n_max else repeats):
+            if block >= total:
+                blocks = [torch.arange(total)]
+            else:
+                order = torch.randperm(total, generator=generator)
+                blocks = [order[s : s + block] for s in range(0, total - block + 1, block)]
+            for idx in blocks:
+                subset = pool[idx]
+                if pooled:
+                    d = _sq_dists(subset, subset, flip)
+                    d.fill_diagonal_(math.inf)
+                else:
+                    d = _sq_dists(reference, subset, flip)
+                cell_means.append(d.min(dim=1).values.mean())
+        gaps.append(float(torch.stack(cell_means).mean()))
+    reference_gap = float(_sq_dists(reference, train, flip).min(dim=1).values.mean())
+    return torch.tensor(gaps, dtype=torch.float64), reference_gap
+
+
+@pytest.mark.parametrize(
+    ("pooled", "sizes", "k"),
+    [
+        (True, None, 5),
+        (True, [2, 7, 30, 120, 259], 1),  # tiny blocks: most points need their block's search
+        (False, None, 3),
+        (False, [3, 20, 100, 200], 8),
+    ],
+)
+def test_fit_gaps_are_exact_nearest_neighbour_gaps_of_its_subsets(pooled, sizes, k) -> None:
+    """The shared search and its per-block fallbacks equal one exact search per block."""
+    x = _sphere(300, 3, seed=21, ambient=6)
+    x = torch.cat([x[:250], x[:10]])  # exact duplicates across train and reference: zero terms
+    train, reference = x[:200], x[200:]
+    law = GapLaw.fit(train, reference, pooled=pooled, sizes=sizes, k=k, repeats=3, seed=5)
+    gaps, reference_gap = _brute_force_fit_terms(
+        train, reference, law, repeats=3, seed=5, pooled=pooled
+    )
+    torch.testing.assert_close(law.gaps, gaps, rtol=1e-12, atol=0.0)
+    assert law.reference_gap == pytest.approx(reference_gap, rel=1e-12)
+
+
+def test_fit_gaps_are_exact_orbit_gaps_under_a_symmetry() -> None:
+    from gapcallback.symmetry.finite_group import FiniteGroup
+
+    x = _sphere(400, 2, seed=22)
+    flip = FiniteGroup([torch.neg], names=["neg"])
+    for pooled in (True, False):
+        law = GapLaw.fit(
+            x[:250], x[250:], symmetry=flip, pooled=pooled, num_sizes=4, repeats=2, seed=1
+        )
+        gaps, reference_gap = _brute_force_fit_terms(
+            x[:250], x[250:], law, repeats=2, seed=1, pooled=pooled, flip=True
+        )
+        torch.testing.assert_close(law.gaps, gaps, rtol=1e-12, atol=0.0)
+        assert law.reference_gap == pytest.approx(reference_gap, rel=1e-12)
+
+
+def _count_search_work(monkeypatch) -> list[float]:
+    """Spy on the kNN searches of ``GapLaw.fit`` (the real search runs): pair products of each."""
+    import gapcallback.law as law_module
+
+    real = law_module.knn
+    work: list[float] = []
+
+    def spy(queries, points, k=1, **kwargs):
+        same = kwargs.get("exclude_self", False) and queries is points
+        work.append(queries.shape[0] * points.shape[0] / (2 if same else 1))
+        return real(queries, points, k, **kwargs)
+
+    monkeypatch.setattr(law_module, "knn", spy)
+    return work
+
+
+def test_default_fit_costs_a_few_pool_searches(monkeypatch) -> None:
+    """Default grid, 5 repeats: about 3.8 leave-one-out searches of the pool in pair products
+    (11.6 with one search per block; the shared search reads most blocks' neighbours)."""
+    x = _sphere(2500, 8, seed=23, ambient=16).float()
+    work = _count_search_work(monkeypatch)
+    GapLaw.fit(x[:2000], x[2000:], seed=0)
+    pool_search = 2500 * 2500 / 2
+    assert sum(work) / pool_search < 5.0
+    assert max(work) == pool_search  # the one shared search is the largest
+
+
+def test_bad_options_fail_before_any_search(monkeypatch) -> None:
+    x = _sphere(300, 2, seed=0)
+    work = _count_search_work(monkeypatch)
+    for kwargs in (
+        {"k": 0},
+        {"repeats": 0},
+        {"num_sizes": 2},
+        {"sizes": [10, 5]},
+        {"fit_min_size": 0},
+        {"dimension": math.nan},
+        {"pooled": "yes"},
+        {"group_size": 0},
+        {"seed": -1},
+        {"seed": 1.5},
+        {"symmetry": "flip"},
+        {"p": math.inf},
+    ):
+        with pytest.raises((TypeError, ValueError)):
+            GapLaw.fit(x[:200], x[200:], **kwargs)
+    assert work == []
+
+
+# ---------------------------------------------------------------------- option and argument checks
+
+
+def test_fit_options_are_the_forwardable_keywords_of_fit() -> None:
+    import inspect
+
+    params = inspect.signature(GapLaw.fit).parameters
+    own = {"train", "reference", "p", "symmetry", "seed"}
+    assert set(GapLaw.FIT_OPTIONS) == set(params) - own
+    options = {"sizes": [10, 20, 40], "num_sizes": 4, "repeats": 2, "k": 3, "fit_min_size": 10}
+    options |= {"dimension": 2, "pooled": False, "group_size": None}
+    checked = GapLaw.check_fit_options(options)
+    assert checked == options and isinstance(checked["dimension"], float)
+    assert checked is not options
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"repeat": 3}, TypeError, r"\['repeat'\] in `GapLaw.fit options` \('repeat' -> 'repeats"),
+        ({"seed": 0}, TypeError, r"valid keys are \['sizes', 'num_sizes'"),
+        ({"p": 1.0}, TypeError, "Unknown key"),
+        ({"sizes": [10]}, ValueError, "at least 2 sizes"),
+        ({"sizes": [10, 10]}, ValueError, "strictly increasing"),
+        ({"sizes": [0, 10]}, ValueError, r"sizes\[i\]|positive"),
+        ({"sizes": [1.5, 10]}, TypeError, "`sizes` must be a sequence of ints"),
+        ({"sizes": torch.tensor([1.5, 10.0])}, TypeError, "`sizes` must be integers"),
+        ({"sizes": "10, 20"}, TypeError, "`sizes` must be None or a sequence"),
+        ({"num_sizes": 2}, ValueError, "`num_sizes` must be >= 3"),
+        ({"repeats": 0}, ValueError, "`repeats` must be >= 1"),
+        ({"repeats": 2.0}, TypeError, "`repeats` must be an int"),
+        ({"k": 0}, ValueError, "`k` must be >= 1"),
+        ({"fit_min_size": 0}, ValueError, "`fit_min_size` must be >= 1"),
+        ({"fit_min_size": "10"}, TypeError, "`fit_min_size`"),
+        ({"dimension": -1.0}, ValueError, "`dimension` must be a finite positive"),
+        ({"dimension": math.inf}, ValueError, "`dimension`"),
+        ({"dimension": "2"}, TypeError, "`dimension`"),
+        ({"pooled": 1}, TypeError, "`pooled` must be True or False"),
+        ({"group_size": 0}, ValueError, "`group_size` must be >= 1"),
+    ],
+)
+def test_check_fit_options_names_the_bad_option(options, error, match) -> None:
+    with pytest.raises(error, match=match):
+        GapLaw.check_fit_options(options)
+    if set(options) <= set(GapLaw.FIT_OPTIONS):  # fit itself refuses the same values
+        x = _sphere(200, 2, seed=0)
+        with pytest.raises(error, match=match):
+            GapLaw.fit(x[:100], x[100:], **options)
+
+
+def test_check_fit_options_needs_a_mapping() -> None:
+    with pytest.raises(TypeError, match="dict of keyword arguments"):
+        GapLaw.check_fit_options([("k", 3)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"dimension": math.nan}, ValueError, "`dimension` must be a finite number"),
+        ({"dimension": 0.0}, ValueError, "`dimension` must be > 0"),
+        ({"dimension": "2"}, TypeError, "`dimension` must be a real number"),
+        ({"constant": -1.0}, ValueError, "`constant` must be > 0"),
+        ({"p": 0.0}, ValueError, "`p`"),
+        ({"dimension_std": -0.1}, ValueError, "`dimension_std` must be a finite number >= 0"),
+        ({"constant_std": "x"}, TypeError, "`constant_std`"),
+        ({"covariance": [[1.0, 0.0]]}, ValueError, "`covariance` must be the 2 x 2"),
+        ({"covariance": [[math.nan, 0.0], [0.0, 1.0]]}, ValueError, "`covariance` contains NaN"),
+        ({"sizes": [10, 20], "gaps": [0.1]}, ValueError, "same length"),
+        ({"sizes": [-10, 20], "gaps": [0.2, 0.1]}, ValueError, "`sizes` must be positive"),
+        ({"sizes": [10, 20], "gaps": [0.2, math.inf]}, ValueError, "`gaps` contains NaN or Inf"),
+        ({"sizes": [10, 20], "gaps": [0.2, -0.1]}, ValueError, "`gaps` must be non-negative"),
+        ({"sizes": [10, 20], "gaps": [0.2, 0.1], "gaps_std": [0.1]}, ValueError, "`gaps_std`"),
+        ({"n_train": -1}, ValueError, "`n_train` must be >= 0"),
+        ({"n_train": 10.5}, TypeError, "`n_train`"),
+        ({"fit_min_size": 0.0}, ValueError, "`fit_min_size` must be a finite positive"),
+        ({"anchor_size": "big"}, TypeError, "`anchor_size`"),
+        ({"anchor_gap": -1.0}, ValueError, "`anchor_gap`"),
+        ({"k": 0}, ValueError, "`k` must be >= 1"),
+        ({"k": 2.5}, TypeError, "`k`"),
+        ({"pooled": "no"}, TypeError, "`pooled` must be True or False"),
+        ({"group_size": 0}, ValueError, "`group_size` must be >= 1"),
+        ({"reference_gap": -1.0}, ValueError, "`reference_gap`"),
+    ],
+)
+def test_constructor_names_the_bad_argument(kwargs, error, match) -> None:
+    arguments = {"dimension": 2.0, "constant": 1.0} | kwargs
+    with pytest.raises(error, match=match):
+        GapLaw(**arguments)
+
+
+def test_constructor_accepts_tensors_numpy_integers_and_unknown_nan() -> None:
+    law = GapLaw(
+        dimension=torch.tensor(2.0),
+        constant=np.float64(3.0),
+        k=np.int64(4),
+        n_train=torch.tensor(100),
+        dimension_std=math.nan,
+        reference_gap=math.nan,
+    )
+    assert (law.dimension, law.constant, law.k, law.n_train) == (2.0, 3.0, 4, 100)
+    assert math.isnan(law.anchor_size) and math.isnan(law.fit_min_size)
+    # A law without sizes (NaN anchor) survives the state-dict round trip.
+    restored = GapLaw.from_state_dict(json.loads(json.dumps(law.state_dict())))
+    assert restored.k == 4 and math.isnan(restored.anchor_gap)
