@@ -45,11 +45,8 @@ class Stream(IterableDataset):
     [
         ({"dimension_method": "twonnn"}, ValueError, r"`dimension_method`.*Did you mean 'twonn'"),
         ({"dimension_method": 3}, ValueError, "`dimension_method`"),
-        (
-            {"law_options": {"repeat": 2}},
-            TypeError,
-            r"`law_options` has unknown key\(s\) \['repeat'\]",
-        ),
+        ({"law_options": {"repeat": 2}}, TypeError, r"`law_options`: .*\['repeat'\].*'repeats'"),
+        ({"law_options": {"num_sizes": 2}}, ValueError, "`law_options`: .*num_sizes"),
         ({"law_options": {"p": 1.0}}, TypeError, "pass them to GapCallback itself"),
         ({"law_options": [("k", 3)]}, TypeError, "`law_options` must be a dict"),
         ({"input_key": 1.5}, TypeError, "`input_key`"),

@@ -941,8 +941,8 @@ def _check_ratio(value: object) -> float:
 
 
 def _check_law_options(options: object) -> dict[str, Any]:
-    """``law_options`` as a dict whose keys :meth:`GapLaw.fit` takes (the callback passes
-    ``train``, ``reference``, ``p``, ``symmetry`` and ``seed`` itself)."""
+    """``law_options`` as a dict of checked :meth:`GapLaw.fit` options (:attr:`GapLaw.FIT_OPTIONS`;
+    the callback passes ``train``, ``reference``, ``p``, ``symmetry`` and ``seed`` itself)."""
     if options is None:
         return {}
     if not isinstance(options, dict):
@@ -950,19 +950,13 @@ def _check_law_options(options: object) -> dict[str, Any]:
             f"`law_options` must be a dict of GapLaw.fit keyword arguments, got "
             f"{type(options).__name__}."
         )
-    own = {"train", "reference", "p", "symmetry", "seed"}
-    valid = sorted(
-        name for name in inspect.signature(GapLaw.fit).parameters if name not in own | {"cls"}
-    )
-    unknown = sorted(str(k) for k in options if k not in valid)
-    if unknown:
-        taken = sorted(k for k in unknown if k in own)
-        hint = (
-            f" {taken} are GapCallback's own arguments: pass them to GapCallback itself."
-            if taken
-            else ""
-        )
+    own = sorted(k for k in options if k in ("train", "reference", "p", "symmetry", "seed"))
+    if own:
         raise TypeError(
-            f"`law_options` has unknown key(s) {unknown}; GapLaw.fit takes {valid}.{hint}"
+            f"`law_options` has key(s) {own}: those are GapCallback's own arguments; pass them to "
+            f"GapCallback itself. `law_options` takes {list(GapLaw.FIT_OPTIONS)}."
         )
-    return dict(options)
+    try:
+        return GapLaw.check_fit_options(options)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"`law_options`: {err}") from None
