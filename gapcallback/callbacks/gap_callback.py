@@ -96,6 +96,9 @@ class _EvaluationFault(Exception):
     """Raised inside an evaluation for faults of the user's sampler or its output."""
 
 
+_MEASURE_BLOCK_VALUES = 1 << 22
+"""Samples are measured in blocks of up to this many values (16 MB in float32)."""
+
 OPTIONAL_PARTS = ("id/samples", "gap/memorized_fraction", "figure")
 """Parts of an evaluation whose failure is recorded without skipping the evaluation."""
 
@@ -590,25 +593,21 @@ class GapCallback(Callback):
         failed: dict[str, str] = {}
         eval_seed = derive_seed(self.seed, index, rank)
         generator = torch.Generator(device=device).manual_seed(eval_seed)
+        pending: list[Tensor] = []
+        pending_values = 0
         with isolated_rng(eval_seed, device), torch.no_grad(), eval_mode(pl_module):
             for n in self._progress(_batch_sizes(n_local, self.sample_batch_size), trainer, index):
-                samples = self._draw(pl_module, n, generator)
-                gap_metric.update(samples)
-                if sample_stats is not None:
-                    sample_stats.update(samples)
-                if id_metric is not None and "id/samples" not in failed:
-                    try:
-                        id_metric.update(samples)
-                    except Exception as err:
-                        failed["id/samples"] = _describe(err)
-                if train is not None and "gap/memorized_fraction" not in failed:
-                    try:
-                        result = memorization(
-                            samples, train, ratio=self.memorization_ratio, symmetry=self.symmetry
-                        )
-                        memorized += int(result.memorized.sum())
-                    except Exception as err:
-                        failed["gap/memorized_fraction"] = _describe(err)
+                pending.append(self._draw(pl_module, n, generator))
+                pending_values += pending[-1].numel()
+                if pending_values >= _MEASURE_BLOCK_VALUES:
+                    memorized += self._measure_block(
+                        torch.cat(pending), gap_metric, id_metric, train, sample_stats, failed
+                    )
+                    pending, pending_values = [], 0
+            if pending:
+                memorized += self._measure_block(
+                    torch.cat(pending), gap_metric, id_metric, train, sample_stats, failed
+                )
         return {
             "id_metric": id_metric,
             "memorized": memorized,
@@ -616,6 +615,39 @@ class GapCallback(Callback):
             "failed": failed,
             "sample_stats": sample_stats,
         }
+
+    def _measure_block(
+        self,
+        samples: Tensor,
+        gap_metric: RepresentationGap,
+        id_metric: IntrinsicDimension | None,
+        train: Tensor | None,
+        sample_stats: FeatureStats | None,
+        failed: dict[str, str],
+    ) -> int:
+        """Stream one block of samples into every state; return how many are memorized.
+
+        Sampler batches are gathered into blocks of up to :data:`_MEASURE_BLOCK_VALUES` values,
+        so each search runs once per block rather than once per sampler call.
+        """
+        gap_metric.update(samples)
+        if sample_stats is not None:
+            sample_stats.update(samples)
+        if id_metric is not None and "id/samples" not in failed:
+            try:
+                id_metric.update(samples)
+            except Exception as err:
+                failed["id/samples"] = _describe(err)
+        if train is None or "gap/memorized_fraction" in failed:
+            return 0
+        try:
+            result = memorization(
+                samples, train, ratio=self.memorization_ratio, symmetry=self.symmetry
+            )
+        except Exception as err:
+            failed["gap/memorized_fraction"] = _describe(err)
+            return 0
+        return int(result.memorized.sum())
 
     def _train_on(self, device: torch.device) -> Tensor | None:
         """The training points on ``device`` (copied once per device), ``None`` below 2 points."""
