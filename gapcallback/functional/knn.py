@@ -272,6 +272,8 @@ def exact_knn(
             )
         symmetry.check_shape(queries, name_q)
         symmetry.check_shape(points, name_p)
+    # Distances are not differentiable here (exact re-checks of selected pairs): no autograd graph.
+    queries, points = queries.detach(), points.detach()
     try:
         if symmetry is not None:
             res = symmetry.knn(queries, points, k, exclude_self=exclude_self)
