@@ -53,7 +53,7 @@ import torch
 from scipy import special, stats
 from torch import Tensor
 
-from gapcallback.functional.knn import KNNResult, knn
+from gapcallback.functional.knn import KNNResult, exact_knn
 from gapcallback.utils.checks import (
     check_bool,
     check_exponent,
@@ -73,6 +73,27 @@ if TYPE_CHECKING:
     from gapcallback.symmetry.base import Symmetry
 
 __all__ = ["GapLaw"]
+
+
+def knn(
+    queries: Tensor,
+    points: Tensor,
+    k: int = 1,
+    *,
+    exclude_self: bool = False,
+    symmetry: Symmetry | None = None,
+) -> KNNResult:
+    """The fit's searches: exact float64 squared distances whatever the inputs' dtype (every
+    term is taken to the power p in float64 anyway), errors naming ``train``/``reference``."""
+    return exact_knn(
+        queries,
+        points,
+        k,
+        exclude_self=exclude_self,
+        symmetry=symmetry,
+        names=("train", "reference"),
+    )
+
 
 _STATE_VERSION = 1
 _NUM_BOOTSTRAP = 400
@@ -618,6 +639,8 @@ class GapLaw:
             covariance = torch.cov(stacked)
             d_std = float((1.0 / inv_d).std()) if dimension is None else 0.0
             j_std = float(log_j_draws.exp().std())
+            # Bootstrap slopes near 0 give unbounded draws (inf): the spread is unknown.
+            d_std, j_std = (v if math.isfinite(v) else math.nan for v in (d_std, j_std))
         else:
             covariance = torch.zeros(2, 2, dtype=torch.float64)
             d_std = j_std = math.nan
@@ -1097,14 +1120,14 @@ def _default_fit_min(sizes: Tensor, means: Tensor, p: float, n_max: int) -> floa
 
 def _zero_gap_message(size: float, pooled: bool) -> str:
     cause = (
-        "the pooled training and reference points contain exact duplicates"
+        "the pooled `train` and `reference` points contain exact duplicates"
         if pooled
-        else "every reference point is a copy of a training point"
+        else "every point of `reference` is a copy of a training point (`train`)"
     )
     return (
         f"The measured gap is 0 at size {int(size)}: {cause}, so the law (fitted in log space) is "
-        "undefined. Remove duplicates (e.g. `torch.unique(x, dim=0)`) and references that appear in"
-        " the training set."
+        "undefined. Remove duplicates (e.g. `train = torch.unique(train, dim=0)`) and references "
+        "that appear in the training set."
     )
 
 
