@@ -354,7 +354,7 @@ def test_bad_input_raises_clear_errors(x: object, error: type, match: str) -> No
 
 def test_bad_options_raise() -> None:
     x = _flat(20, 2, 3)
-    with pytest.raises(ValueError, match="Unknown method"):
+    with pytest.raises(ValueError, match="`method` must be one of"):
         intrinsic_dimension(x, "pca")
     with pytest.raises(TypeError, match="Unknown option"):
         intrinsic_dimension(x, "twonn", k=3)

@@ -67,8 +67,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gapcallback.functional.knn import knn
-from gapcallback.functional.representation_gap import representation_gap
+from gapcallback.functional.knn import KNNResult, exact_knn
+from gapcallback.functional.representation_gap import gap_value
 from gapcallback.utils.checks import (
     check_choice,
     check_exponent,
@@ -96,6 +96,13 @@ __all__ = [
     "intrinsic_dimension_estimate",
     "multiscale_dimension",
 ]
+
+
+def knn(points: Tensor, other: Tensor, k: int, *, exclude_self: bool = False) -> KNNResult:
+    """The estimators' searches: exact float64 squared distances whatever the inputs' dtype (the
+    estimators are scale-free: float32 data at any scale is estimated), errors naming ``x``."""
+    return exact_knn(points, other, k, exclude_self=exclude_self, names=("x", "x"))
+
 
 METHODS = ("calibrated", "twonn", "mle", "gap")
 """Names accepted by ``method=``; the first is the default."""
@@ -228,8 +235,7 @@ def intrinsic_dimension_estimate(
         TypeError, ValueError: bad input (1-D input, NaN/Inf, fewer than 3 distinct points, constant
             data, unknown method or options, too few points for the neighbours asked).
     """
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    method = check_choice(method, "method", METHODS)
     x = check_point_set(x, "x").detach()  # an estimate of the data, not a differentiable loss
     dup_tol = options.pop("dup_tol", DEFAULT_DUP_TOL)
     if isinstance(dup_tol, bool) or not isinstance(dup_tol, (int, float)) or not dup_tol >= 0:
@@ -393,7 +399,9 @@ def gap_slope_dimension(
             else:
                 idx = torch.randperm(n, generator=generator)[:size].to(train.device)
                 subset = train[idx]
-            gaps[a, r] = float(representation_gap(reference, subset, p=p))
+            # Exact float64 gap whatever the dtype: the slope is scale-free.
+            nearest = exact_knn(reference, subset, 1, names=("reference", "train")).sq_dists[:, 0]
+            gaps[a, r] = float(gap_value(nearest, p, torch.float64, ("reference", "train")))
     if not bool((gaps > 0).all()):
         raise ValueError(
             "A representation gap is exactly 0: every `reference` point is also in `train`. Use a"
@@ -502,13 +510,16 @@ def deduplicate(x: Tensor, dup_tol: float = DEFAULT_DUP_TOL) -> Tensor:
     (the first). ``dup_tol = 0`` merges exact duplicates only.
 
     Args:
-        x: ``[N, D]`` points (validated by the caller).
+        x: ``[N, D]`` (or ``[N, *dims]``) points, a floating ``torch.Tensor``.
         dup_tol: relative tolerance (>= 0).
 
     Returns:
-        ``[N', D]`` the kept points, in their original order.
+        ``[N', D]`` (``[N', *dims]``) the kept points, in their original order.
     """
-    return _deduplicate(x, dup_tol)[0]
+    x = check_point_set(x, "x").detach()
+    dup_tol = float(check_number(dup_tol, "dup_tol", minimum=0.0))
+    kept = _deduplicate(x.reshape(x.shape[0], -1), dup_tol)[0]
+    return kept.reshape(kept.shape[0], *x.shape[1:])
 
 
 def _deduplicate(x: Tensor, dup_tol: float, probe_k: int = 1) -> tuple[Tensor, Tensor | None]:
@@ -519,7 +530,11 @@ def _deduplicate(x: Tensor, dup_tol: float, probe_k: int = 1) -> tuple[Tensor, T
     if n < 2:
         return x, None
     xd = x.to(compute_dtype(x))
-    radius = float((xd - xd.mean(0)).square().sum(1).mean().sqrt())
+    # RMS radius, scaled by the largest centred magnitude so that its squares neither overflow
+    # nor underflow the data's dtype (float32 data at 1e30 or 1e-30).
+    centred = xd - xd.mean(0)
+    top = float(centred.abs().amax()) or 1.0
+    radius = top * float((centred / top).square().sum(1).mean().sqrt())
     tol_sq = (dup_tol * radius) ** 2
     # Probe first (k=1 is the engine's fastest path, or the k the estimator needs anyway): the
     # nearest other point tells whether there is any duplicate; only then search for whole groups.
@@ -566,7 +581,8 @@ def _twonn(
         total = float(log_mu.sum())
         if total <= 0:
             raise ValueError(
-                "All first and second neighbour distances are equal; TwoNN is undefined."
+                "`x`: all first and second neighbour distances are equal (points on a regular"
+                " grid?), so TwoNN is undefined; use method='mle' or add points."
             )
         d = (n - 1) / total
         # Posterior of d given Pareto ratios is Gamma(N, sum log mu): sd = d / sqrt(N).
@@ -578,7 +594,10 @@ def _twonn(
     ys = -torch.log1p(-torch.arange(1, keep + 1, dtype=torch.float64) / n)
     denom = float((xs * xs).sum())
     if denom <= 0:
-        raise ValueError("All first and second neighbour distances are equal; TwoNN is undefined.")
+        raise ValueError(
+            "`x`: all first and second neighbour distances are equal (points on a regular grid?),"
+            " so TwoNN is undefined; use method='mle' or add points."
+        )
     d = float((xs * ys).sum()) / denom
     resid = ys - d * xs
     # Residuals of an empirical CDF are strongly correlated; inflate by the MLE-form error floor.
@@ -712,7 +731,10 @@ def _geometry_stats(points: Tensor, k: int) -> tuple[Tensor, Tensor]:
     block = max(1, _COS_BLOCK_ELEMENTS // (k * dim))
     for start in range(0, n, block):
         stop = min(n, start + block)
-        v = points[res.indices[start:stop]] - points[start:stop, None, :]
+        # float64 (where the device has it): low-precision inputs (bf16) and tiny or huge scales
+        # would otherwise round, flush or overflow the directions.
+        wide = torch.float32 if points.device.type == "mps" else torch.float64
+        v = points[res.indices[start:stop]].to(wide) - points[start:stop, None, :].to(wide)
         u = v / v.norm(dim=2, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
         c[start:stop] = ((u.sum(dim=1).square().sum(dim=1) - k) / (k * (k - 1))).to(
             device="cpu", dtype=torch.float64
@@ -914,8 +936,9 @@ def _int_or(value: object, default: int) -> int:
 def _no_extra(options: dict[str, Any], method: str) -> None:
     if options:
         raise TypeError(
-            f"Unknown option(s) {sorted(options)} for method {method!r}; see "
-            "`intrinsic_dimension_estimate` for the options of each method."
+            f"Unknown option(s) {', '.join(f'`{k}`' for k in sorted(options))} for "
+            f"`method`={method!r}; it takes {', '.join(METHOD_OPTIONS[method])} (see "
+            "`intrinsic_dimension_estimate`)."
         )
 
 
