@@ -241,8 +241,15 @@ def intrinsic_dimension_estimate(
     if isinstance(dup_tol, bool) or not isinstance(dup_tol, (int, float)) or not dup_tol >= 0:
         raise ValueError(f"`dup_tol` must be a number >= 0, got {dup_tol!r}.")
     out_dtype = compute_dtype(x)
-    # The duplicate probe doubles as the estimator's own search when there are no duplicates.
-    probe_k = 2 if method == "twonn" else _int_or(options.get("k", 10), 1) if method == "mle" else 1
+    # The duplicate probe doubles as the estimator's own neighbour search when there are no
+    # duplicates: k = 2 for TwoNN, k for the MLE, k for the calibrated default on one chunk.
+    n_rows = x.shape[0]
+    if method == "twonn":
+        probe_k = 2
+    elif method == "mle" or (method == "calibrated" and n_rows <= _CALIBRATION_MAX_POINTS):
+        probe_k = _int_or(options.get("k", 10), 1)
+    else:
+        probe_k = 1
     points, probe = _deduplicate(x.reshape(x.shape[0], -1), float(dup_tol), probe_k)
     n = points.shape[0]
     if n < 3:
@@ -255,17 +262,17 @@ def intrinsic_dimension_estimate(
         fit = options.pop("fit", "mle")
         discard = options.pop("discard", 0.1)
         _no_extra(options, method)
-        d, s, det = _twonn(points, fit, discard, probe)
+        d, s, det = _twonn(points, fit, discard, None if probe is None else probe.sq_dists)
     elif method == "mle":
         k = options.pop("k", 10)
         _no_extra(options, method)
-        d, s, det = _mle(points, k, probe)
+        d, s, det = _mle(points, k, None if probe is None else probe.sq_dists)
     elif method == "calibrated":
         k = options.pop("k", 10)
         seed = options.pop("seed", 0)
         references = options.pop("references", REFERENCE_FAMILIES)
         _no_extra(options, method)
-        d, s, det = _calibrated(points, k, seed, references)
+        d, s, det = _calibrated(points, k, seed, references, probe)
     else:
         p = options.pop("p", 2.0)
         holdout = options.pop("holdout", 0.2)
@@ -522,9 +529,10 @@ def deduplicate(x: Tensor, dup_tol: float = DEFAULT_DUP_TOL) -> Tensor:
     return kept.reshape(kept.shape[0], *x.shape[1:])
 
 
-def _deduplicate(x: Tensor, dup_tol: float, probe_k: int = 1) -> tuple[Tensor, Tensor | None]:
-    """:func:`deduplicate`, also returning the probe's ``[N, probe_k]`` squared neighbour distances
-    when no duplicate was found (so an estimator needing ``probe_k`` neighbours reuses the search).
+def _deduplicate(x: Tensor, dup_tol: float, probe_k: int = 1) -> tuple[Tensor, KNNResult | None]:
+    """:func:`deduplicate`, also returning the probe's ``probe_k`` nearest other points (``[N,
+    probe_k]`` squared distances and indices) when no duplicate was found, so an estimator that
+    needs those neighbours reuses the search (the engine is exact, so it is the same result).
     """
     n = x.shape[0]
     if n < 2:
@@ -538,9 +546,9 @@ def _deduplicate(x: Tensor, dup_tol: float, probe_k: int = 1) -> tuple[Tensor, T
     tol_sq = (dup_tol * radius) ** 2
     # Probe first (k=1 is the engine's fastest path, or the k the estimator needs anyway): the
     # nearest other point tells whether there is any duplicate; only then search for whole groups.
-    probe = knn(xd, xd, max(1, min(probe_k, n - 1)), exclude_self=True).sq_dists
-    if not bool((probe[:, 0] <= tol_sq).any()):
-        return x, probe if probe.shape[1] == probe_k else None
+    probe = knn(xd, xd, max(1, min(probe_k, n - 1)), exclude_self=True)
+    if not bool((probe.sq_dists[:, 0] <= tol_sq).any()):
+        return x, probe if probe.sq_dists.shape[1] == probe_k else None
     k = min(8, n - 1)
     while True:
         res = knn(xd, xd, k, exclude_self=True)
@@ -634,7 +642,7 @@ def _mle(
 
 
 def _calibrated(
-    points: Tensor, k: object, seed: object, references: object
+    points: Tensor, k: object, seed: object, references: object, neighbours: KNNResult | None = None
 ) -> tuple[float, float, dict[str, Any]]:
     k = _check_k(k, points.shape[0])
     seed = check_positive_int(seed, "seed", minimum=0)
@@ -642,7 +650,7 @@ def _calibrated(
     n = points.shape[0]
     chunks, size, ref_n = _calibration_sizes(n)
     if chunks == 1:
-        s, c = _geometry_stats(points, k)
+        s, c = _geometry_stats(points, k, neighbours)
     else:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(points.device)
         parts = [_geometry_stats(points[perm[i * size : (i + 1) * size]], k) for i in range(chunks)]
@@ -715,7 +723,9 @@ def _gap(
 # ----------------------------------------------------------------------------------------------
 
 
-def _geometry_stats(points: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _geometry_stats(
+    points: Tensor, k: int, neighbours: KNNResult | None = None
+) -> tuple[Tensor, Tensor]:
     r"""Per-point statistics of the k nearest other points, float64 on the CPU.
 
     Returns ``s`` (``[N]``, :math:`\sum_{j<k} \log(T_{k,i} / T_{j,i})`, the Levina-Bickel sum) and
@@ -724,7 +734,9 @@ def _geometry_stats(points: Tensor, k: int) -> tuple[Tensor, Tensor]:
     :math:`(\lVert \sum_j u_j\rVert^2 - k) / (k (k - 1))`).
     """
     n, dim = points.shape
-    res = knn(points, points, k, exclude_self=True)
+    res = neighbours
+    if res is None or res.indices.shape != (n, k):
+        res = knn(points, points, k, exclude_self=True)
     log_r = 0.5 * res.sq_dists.to(device="cpu", dtype=torch.float64).log()
     s = (log_r[:, k - 1 : k] - log_r[:, : k - 1]).sum(dim=1)
     c = torch.empty(n, dtype=torch.float64)
