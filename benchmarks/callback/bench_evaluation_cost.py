@@ -38,11 +38,12 @@ NUM_SAMPLES = 2000
 EVALUATIONS = 10
 
 
-def sphere(n: int, dim: int, ambient: int, g: torch.Generator) -> torch.Tensor:
+def sphere(n: int, dim: int, rotation: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``n`` uniform points of the unit ``dim``-sphere, rotated into R^D by ``rotation``."""
     x = torch.randn(n, dim + 1, generator=g)
     x = x / x.norm(dim=1, keepdim=True)
-    rotation, _ = torch.linalg.qr(torch.randn(ambient, ambient, generator=g))
-    return torch.cat([x, torch.zeros(n, ambient - dim - 1)], dim=1) @ rotation.T
+    pad = torch.zeros(n, rotation.shape[0] - dim - 1)
+    return torch.cat([x, pad], dim=1) @ rotation.T
 
 
 class Idle(L.LightningModule):
@@ -91,6 +92,7 @@ def run_callback(reference, train, samples, root) -> tuple[list[float], float]:
         max_epochs=EVALUATIONS,
         accelerator="cpu",
         logger=[CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tb")],
+        callbacks=[callback],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -99,7 +101,8 @@ def run_callback(reference, train, samples, root) -> tuple[list[float], float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Idle(), DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1))
-    assert len(callback.times) == EVALUATIONS and callback.num_skipped == 0
+    assert len(callback.times) == EVALUATIONS, (len(callback.times), len(callback.history))
+    assert callback.num_skipped == 0, [h.get("reason") for h in callback.history]
     return callback.times, callback.fit_end
 
 
@@ -173,9 +176,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     g = torch.Generator().manual_seed(0)
-    train = sphere(1000, 2, 8, g)
-    reference = sphere(1000, 2, 8, g)
-    samples = sphere(NUM_SAMPLES, 2, 8, g) + 0.01 * torch.randn(NUM_SAMPLES, 8, generator=g)
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    train = sphere(1000, 2, rotation, g)
+    reference = sphere(1000, 2, rotation, g)
+    samples = sphere(NUM_SAMPLES, 2, rotation, g) + 0.01 * torch.randn(NUM_SAMPLES, 8, generator=g)
     per_eval, gaps, fit_ends = [], [], []
     with tempfile.TemporaryDirectory() as root:
         for r in range(args.runs):
