@@ -65,6 +65,7 @@ an hour of CPU: one simulation per entry took 807 s on one core of the build mac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.resources
 import io
@@ -192,22 +193,15 @@ def build_table(
     # Largest first (cost ~ n * max(n, 5000) * dim), so the workers finish together.
     tasks.sort(key=lambda t: -t[5] * max(t[5], 5000) * (t[4] + 2))
     start = time.perf_counter()
-    if workers > 1:
-        import multiprocessing
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
             results = pool.imap_unordered(_simulate_entry, tasks, chunksize=1)
-            for done, (f, d, s, raw, cos) in enumerate(results, 1):
-                raw_sum[f, d, s] += raw
-                cos_sum[f, d, s] += cos
-                if verbose and done % 200 == 0:
-                    print(
-                        f"{done}/{len(tasks)} simulations, {time.perf_counter() - start:.0f} s",
-                        flush=True,
-                    )
-    else:
-        for done, task in enumerate(tasks, 1):
-            f, d, s, raw, cos = _simulate_entry(task)
+        else:
+            results = map(_simulate_entry, tasks)
+        for done, (f, d, s, raw, cos) in enumerate(results, 1):
             raw_sum[f, d, s] += raw
             cos_sum[f, d, s] += cos
             if verbose and done % 200 == 0:
