@@ -557,8 +557,10 @@ class GapCallback(Callback):
         self._log(trainer, pl_module, values, on_step)
         if failed:
             self._part_failed(record, failed)
-        if not self._scale_checked and trainer.is_global_zero:
-            self._check_scale(local.get("sample_stats"))
+        if not self._scale_checked:
+            if trainer.is_global_zero:
+                self._check_scale(local.get("sample_stats"))
+            self._scale_checked = True  # on every rank, so none keeps gathering the statistics
         if (
             self.log_figure
             and trainer.is_global_zero
