@@ -35,7 +35,6 @@ import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,7 +65,7 @@ from gapcallback.utils.modes import eval_mode
 from gapcallback.utils.rng import derive_seed, isolated_rng
 from gapcallback.utils.value_range import FeatureStats, scale_mismatch
 
-__all__ = ["LOGGED_KEYS", "OPTIONAL_PARTS", "GapCallback", "GapEvaluationWarning"]
+__all__ = ["LOGGED_KEYS", "GapCallback", "GapEvaluationWarning"]
 
 _LOG = get_logger("callback")
 
@@ -98,9 +97,6 @@ class _EvaluationFault(Exception):
 
 _MEASURE_BLOCK_VALUES = 1 << 22
 """Samples are measured in blocks of up to this many values (16 MB in float32)."""
-
-OPTIONAL_PARTS = ("id/samples", "gap/memorized_fraction", "figure")
-"""Parts of an evaluation whose failure is recorded without skipping the evaluation."""
 
 
 class GapCallback(Callback):
@@ -442,7 +438,17 @@ class GapCallback(Callback):
                 sizes,
                 tuple(self._reference.shape[1:]),
             )
-        with _stage_bar(len(stages), "GapCallback preparing", self.progress and announce) as bar:
+        from tqdm.auto import tqdm
+
+        # A bar over the stages that appears after 2 seconds; tqdm's `disable` makes it a no-op.
+        with tqdm(
+            total=len(stages),
+            desc="GapCallback preparing",
+            unit="stage",
+            leave=False,
+            delay=2.0,
+            disable=not (self.progress and announce and stages),
+        ) as bar:
             for name, stage in stages:
                 bar.set_postfix_str(name)
                 stage()
@@ -920,29 +926,6 @@ def _send_figure(logger: Any, tag: str, rgb: Any, step: int) -> None:
         logger.experiment.log_image(
             logger.run_id, rgb, artifact_file=f"{tag.replace('/', '_')}_{step:08d}.png"
         )
-
-
-@contextmanager
-def _stage_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
-    """A progress bar over ``total`` stages that appears after 2 seconds (a no-op when disabled)."""
-    if not enabled or total == 0:
-        yield _NoBar()
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="stage", leave=False, delay=2.0)
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
-class _NoBar:
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def update(self, n: int) -> None:
-        pass
 
 
 def _batch_sizes(total: int, batch: int) -> list[int]:
