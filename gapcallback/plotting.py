@@ -93,10 +93,11 @@ def gap_history_figure(
     steps = [h["step"] for h in done]
     if law is not None:
         upper = max([float(law.sizes.max()) if law.sizes.numel() else 1.0, float(n_train or 1)])
+        effective = [effective_training_size(law, v) for v in observed]
         placed = [
-            (i, effective_training_size(law, v), v)
-            for i, v in enumerate(observed)
-            if math.isfinite(effective_training_size(law, v))
+            (i, e, v)
+            for i, (e, v) in enumerate(zip(effective, observed, strict=True))
+            if math.isfinite(e)
         ]
         n_hi = max([4.0 * upper, *[e for _, e, _ in placed]])
         law.plot(ax=ax_law, n_max=min(n_hi, 1e4 * upper))
