@@ -29,10 +29,8 @@ def batch_to_tensor(batch: Any, input_key: int | str, name: str) -> Tensor:
                 f"Cannot find the input in a batch of `{name}` ({type(batch).__name__}) with "
                 f"input_key={input_key!r}; set `input_key=` to its index or key."
             ) from err
-        if isinstance(item, np.ndarray):
-            return torch.from_numpy(np.ascontiguousarray(item))
-        if isinstance(item, Tensor):
-            return item
+        if isinstance(item, (Tensor, np.ndarray)):
+            return batch_to_tensor(item, input_key, name)
     raise TypeError(
         f"A batch of `{name}` is a {type(batch).__name__}, not a tensor; set `input_key=` to the "
         "position/key of the input tensor in each batch."
@@ -80,7 +78,7 @@ def collect_points(
         max_points: stop after this many points (the first ones in iteration order).
     """
     if isinstance(source, np.ndarray):
-        source = torch.from_numpy(np.ascontiguousarray(source))
+        source = batch_to_tensor(source, input_key, name)
     if isinstance(source, Tensor):
         chunks = [source]
     elif isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
