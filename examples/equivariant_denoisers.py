@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gapcallback.callbacks.gap_callback import GapCallback
-from gapcallback.functional.representation_gap import representation_gap
+from gapcallback.functional.gap import representation_gap
 from gapcallback.symmetry import CyclicShifts, sample_ideal_diffusion
 
 LENGTH = 32

@@ -53,7 +53,7 @@ import torch
 from scipy import special, stats
 from torch import Tensor
 
-from gapcallback.functional.knn import KNNResult, exact_knn
+from gapcallback.functional.nearest_neighbours import KNNResult, exact_knn
 from gapcallback.utils.checks import (
     check_bool,
     check_exponent,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-from record_behaviour import FIXTURE, cases  # noqa: E402
+from record_behaviour import FIXTURE, cases
 
 RECORDED = torch.load(FIXTURE, weights_only=False)
 SAME_KERNELS = RECORDED["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

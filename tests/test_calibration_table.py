@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from gapcallback.functional import calibration_table as table_module
-from gapcallback.functional.intrinsic_dimension import (
+from gapcallback.functional.dimension import (
     REFERENCE_FAMILIES,
     intrinsic_dimension_estimate,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-id_module = importlib.import_module("gapcallback.functional.intrinsic_dimension")
+id_module = importlib.import_module("gapcallback.functional.dimension")
 simulate = id_module._reference_stats.__wrapped__  # the uncached simulation
 
 

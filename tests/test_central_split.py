@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import gapcallback.symmetry._central_split as split_module
 import gapcallback.symmetry._search as search_module
-from gapcallback.functional.knn import knn
+from gapcallback.functional import knn
 from gapcallback.symmetry import CyclicShifts, FiniteGroup
 from gapcallback.symmetry._central_split import central_split, compose, eigen_coordinates
 from gapcallback.symmetry._search import stacked_orbit_knn

@@ -1,4 +1,4 @@
-"""Tests for gapcallback.functional.gradient_snr and gapcallback.callbacks.gradient_snr."""
+"""Tests for gapcallback.functional.gradient_signal and gapcallback.callbacks.gradient_snr."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gapcallback.callbacks.gradient_snr import GradientSNR
-from gapcallback.functional.gradient_snr import (
+from gapcallback.functional.gradient_signal import (
     StreamingGradientMoments,
     gradient_moments,
     gradient_snr,

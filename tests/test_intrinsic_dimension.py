@@ -1,4 +1,4 @@
-"""Tests of gapcallback.functional.intrinsic_dimension against independent oracles.
+"""Tests of gapcallback.functional.dimension against independent oracles.
 
 Oracles: float64 brute-force distances (numpy) for the closed forms, synthetic data of known
 dimension (uniform samples of linear subspaces, spheres and tori), and exact invariances.
@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gapcallback.functional.intrinsic_dimension import (
+from gapcallback.functional.dimension import (
     METHODS,
     REFERENCE_FAMILIES,
     DimensionEstimate,
@@ -29,7 +29,7 @@ from gapcallback.functional.intrinsic_dimension import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # the module itself (the package re-exports the function under the same name)
-id_module = importlib.import_module("gapcallback.functional.intrinsic_dimension")
+id_module = importlib.import_module("gapcallback.functional.dimension")
 
 
 def _flat(n: int, d: int, big_d: int, seed: int = 0) -> torch.Tensor:

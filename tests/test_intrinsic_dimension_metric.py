@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gapcallback.functional.intrinsic_dimension import (
+from gapcallback.functional.dimension import (
     METHOD_OPTIONS,
     METHODS,
     check_dimension_method,

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, special
 
-from gapcallback.functional.representation_gap import representation_gap
+from gapcallback.functional.gap import representation_gap
 from gapcallback.law import GapLaw
 
 matplotlib.use("Agg")

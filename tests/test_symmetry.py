@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from gapcallback.functional.knn import knn
-from gapcallback.functional.representation_gap import representation_gap
+from gapcallback.functional import knn
+from gapcallback.functional.gap import representation_gap
 from gapcallback.symmetry import (
     CyclicShifts,
     FiniteGroup,

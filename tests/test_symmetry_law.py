@@ -16,8 +16,8 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from gapcallback.functional.knn import knn
-from gapcallback.functional.representation_gap import representation_gap
+from gapcallback.functional import knn
+from gapcallback.functional.gap import representation_gap
 from gapcallback.symmetry import (
     CyclicShifts,
     FiniteGroup,

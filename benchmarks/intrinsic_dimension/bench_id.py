@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gapcallback.functional.intrinsic_dimension import intrinsic_dimension
+from gapcallback.functional import intrinsic_dimension
 
 try:
     from manifolds import SUITE, by_name
@@ -26,8 +26,8 @@ except ImportError:  # run as a module from the repository root
     from benchmarks.intrinsic_dimension.manifolds import SUITE, by_name
 
 HERE = Path(__file__).resolve().parent
-# the module (``gapcallback.functional.intrinsic_dimension`` is also the function's name there)
-id_module = importlib.import_module("gapcallback.functional.intrinsic_dimension")
+# the module (``gapcallback.functional.dimension`` is also the function's name there)
+id_module = importlib.import_module("gapcallback.functional.dimension")
 PREVIOUS = "sphere-only k=5"  # the default of version 0.1: MLE(k=5) calibrated on spheres only
 OURS = {
     "calibrated": {},

@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gapcallback.functional.intrinsic_dimension import intrinsic_dimension  # noqa: E402
+from gapcallback.functional.dimension import intrinsic_dimension  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import integrate
 
-from gapcallback.functional.representation_gap import representation_gap
+from gapcallback.functional.gap import representation_gap
 from gapcallback.law import GapLaw
 
 AMBIENT = 32

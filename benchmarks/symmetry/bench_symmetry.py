@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gapcallback.functional.knn import knn
+from gapcallback.functional import knn
 from gapcallback.symmetry import CyclicShifts, FiniteGroup, Permutations, RigidMotions
 from gapcallback.symmetry._central_split import central_split
 

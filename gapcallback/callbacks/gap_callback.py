@@ -45,9 +45,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from gapcallback.callbacks.gap_values import gap_values
-from gapcallback.functional.intrinsic_dimension import check_dimension_method, intrinsic_dimension
-from gapcallback.functional.memorization import memorization
-from gapcallback.functional.representation_gap import representation_gap
+from gapcallback.functional.dimension import check_dimension_method, intrinsic_dimension
+from gapcallback.functional.gap import representation_gap
+from gapcallback.functional.memorized import memorization
 from gapcallback.law import GapLaw
 from gapcallback.metrics.intrinsic_dimension import IntrinsicDimension
 from gapcallback.metrics.representation_gap import RepresentationGap
@@ -131,7 +131,7 @@ class GapCallback(Callback):
         law_options: keyword arguments for :meth:`GapLaw.fit` (``sizes``, ``num_sizes``,
             ``repeats``, ``k``, ...), checked at construction.
         dimension_method: estimator for ``id/data`` and ``id/samples`` (see
-            :func:`gapcallback.functional.intrinsic_dimension.intrinsic_dimension`); ``None``
+            :func:`gapcallback.functional.dimension.intrinsic_dimension`); ``None``
             disables both.
         dimension_points: at most this many points enter each intrinsic-dimension estimate.
         memorization_ratio: threshold of the memorization test (Gu et al.: 1/3).

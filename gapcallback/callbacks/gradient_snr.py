@@ -44,7 +44,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
-from gapcallback.functional.gradient_snr import (
+from gapcallback.functional.gradient_signal import (
     StreamingGradientMoments,
     gradient_moments,
     one_step_generalization_ratio,
@@ -122,7 +122,7 @@ class GradientSNR(L.Callback):
         figure_path: when set, :meth:`plot` is saved there at the end of ``fit`` (needs
             matplotlib).
         method: ``"vmap"`` or ``"loop"``, forwarded to
-            :func:`~gapcallback.functional.gradient_snr.per_sample_gradients`.
+            :func:`~gapcallback.functional.gradient_signal.per_sample_gradients`.
         chunk_size: ``vmap`` chunk size to bound probe memory.
         log_open_gates: log ``snr/open_gates`` if the optimizer exposes ``open_gate_fraction()``.
 

@@ -1,26 +1,17 @@
 """Pure tensor functions (no state), torchmetrics style. Where each formula lives:
 
 =================================  ==========================================================
-``knn``                            ``functional/knn.py``: exact k nearest neighbours
-``representation_gap``             ``functional/representation_gap.py``
-``memorization``                   ``functional/memorization.py`` (Gu et al. 2023)
-``intrinsic_dimension`` (+ ...)    ``functional/intrinsic_dimension.py``: TwoNN, MLE, gap
+``knn``                            ``functional/nearest_neighbours.py``: exact k nearest neighbours
+``representation_gap``             ``functional/gap.py``
+``memorization``                   ``functional/memorized.py`` (Gu et al. 2023)
+``intrinsic_dimension`` (+ ...)    ``functional/dimension.py``: TwoNN, MLE, gap
                                    slope, calibrated default, multiscale view
-``gradient_snr`` (+ ...)           ``functional/gradient_snr.py``: per-sample gradients, SNR,
+``gradient_snr`` (+ ...)           ``functional/gradient_signal.py``: per-sample gradients, SNR,
                                    one-step generalization ratio (Liu et al. 2020)
 =================================  ==========================================================
 """
 
-from gapcallback.functional.gradient_snr import (
-    StreamingGradientMoments,
-    gradient_moments,
-    gradient_snr,
-    one_step_generalization_ratio,
-    osgr_weights,
-    per_sample_gradients,
-    predicted_gap_growth,
-)
-from gapcallback.functional.intrinsic_dimension import (
+from gapcallback.functional.dimension import (
     DimensionEstimate,
     GapSlope,
     MultiscaleDimension,
@@ -30,9 +21,18 @@ from gapcallback.functional.intrinsic_dimension import (
     intrinsic_dimension_estimate,
     multiscale_dimension,
 )
-from gapcallback.functional.knn import KNNResult, knn
-from gapcallback.functional.memorization import MemorizationResult, memorization
-from gapcallback.functional.representation_gap import gap_from_sq_dists, representation_gap
+from gapcallback.functional.gap import gap_from_sq_dists, representation_gap
+from gapcallback.functional.gradient_signal import (
+    StreamingGradientMoments,
+    gradient_moments,
+    gradient_snr,
+    one_step_generalization_ratio,
+    osgr_weights,
+    per_sample_gradients,
+    predicted_gap_growth,
+)
+from gapcallback.functional.memorized import MemorizationResult, memorization
+from gapcallback.functional.nearest_neighbours import KNNResult, knn
 
 __all__ = [
     "DimensionEstimate",

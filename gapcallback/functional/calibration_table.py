@@ -1,6 +1,6 @@
 r"""The precomputed calibration table of the default ``"calibrated"`` intrinsic-dimension estimator.
 
-:func:`~gapcallback.functional.intrinsic_dimension.intrinsic_dimension_estimate` (``"calibrated"``)
+:func:`~gapcallback.functional.dimension.intrinsic_dimension_estimate` (``"calibrated"``)
 compares two statistics of the k nearest neighbours of the data with the same statistics on
 simulated reference families of known dimension and the same number of points. Simulating them
 costs seconds to a minute of CPU, so the package ships them for the defaults, in
@@ -27,7 +27,7 @@ What an entry holds
     reads the table; another seed simulates once, as before.
 
 The grid
-    * families: :data:`~gapcallback.functional.intrinsic_dimension.REFERENCE_FAMILIES` (4);
+    * families: :data:`~gapcallback.functional.dimension.REFERENCE_FAMILIES` (4);
     * dimensions: the estimator's fixed grid, 1 to 12, then steps of about 15% up to 512
       (39 values: ..., 12, 14, 16, 18, 21, 24, 28, 32, ..., 458, 512);
     * sizes: :data:`SIZES`, 28 sizes geometrically spaced from ``k + 1 = 11`` (the fewest points
@@ -78,7 +78,7 @@ from typing import IO, NamedTuple
 import numpy as np
 import torch
 
-from gapcallback.functional.intrinsic_dimension import (
+from gapcallback.functional.dimension import (
     _CALIBRATION_DIMS,
     _CALIBRATION_MAX_POINTS,
     REFERENCE_FAMILIES,

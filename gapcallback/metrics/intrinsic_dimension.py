@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from gapcallback.functional.intrinsic_dimension import (
+from gapcallback.functional.dimension import (
     check_dimension_method,
     intrinsic_dimension_estimate,
 )
@@ -36,17 +36,17 @@ class IntrinsicDimension(Metric):
     :meth:`update` adds a batch ``[B, D]`` (or ``[B, *dims]``) to a reservoir of at most
     ``max_points`` points chosen by hash keys (uniform over distinct points, seeded, identical in
     one process or across DDP processes); :meth:`compute` runs
-    :func:`gapcallback.functional.intrinsic_dimension.intrinsic_dimension_estimate` on it. When
+    :func:`gapcallback.functional.dimension.intrinsic_dimension_estimate` on it. When
     ``max_points`` covers every point seen, the value equals the functional one on those points
     (up to their order, which does not matter for the deterministic methods).
 
     Args:
         method: estimator name (default ``"calibrated"``), see
-            :data:`gapcallback.functional.intrinsic_dimension.METHODS`.
+            :data:`gapcallback.functional.dimension.METHODS`.
         max_points: reservoir size (memory ``max_points * D`` values).
         seed: seed of the reservoir keys.
         **options: estimator options (``k``, ``dup_tol``, ``fit`` ...; the names each method
-            takes are in :data:`~gapcallback.functional.intrinsic_dimension.METHOD_OPTIONS`);
+            takes are in :data:`~gapcallback.functional.dimension.METHOD_OPTIONS`);
             options named like :class:`torchmetrics.Metric` keyword arguments
             (``sync_on_compute``, ``process_group``, ``dist_sync_fn`` ...) go to the base class.
 

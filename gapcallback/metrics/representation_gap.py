@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from gapcallback.functional.knn import exact_knn
-from gapcallback.functional.representation_gap import gap_value
+from gapcallback.functional.gap import gap_value
+from gapcallback.functional.nearest_neighbours import exact_knn
 from gapcallback.utils.checks import check_exponent, check_point_set, compute_dtype
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ product per character (:math:`\sum_c \sum_t w_t |U_c(b)_t U_c(x)_t| \le \lVert b
 x\rVert` by Cauchy-Schwarz and Parseval), of the norms (Parseval sums) and of the :math:`r` butterfly
 stages; in all below :math:`(2D + 16 + 4 \cdot 4^r)\,\varepsilon\,(\lVert b\rVert^2 + \max_j \lVert
 x_j\rVert^2)`, half the slack used. With it the candidate selection of
-:func:`gapcallback.functional.knn._block_candidates` keeps every true neighbour, and the candidates
+:func:`gapcallback.functional.nearest_neighbours._block_candidates` keeps every true neighbour, and the candidates
 are re-checked by direct differences of all :math:`2^r` images in float64: the result equals the
 plain stacked search (tested against it and against a float64 brute force).
 """
@@ -51,7 +51,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gapcallback.functional.knn import (
+from gapcallback.functional.nearest_neighbours import (
     _DEFAULT_POINT_BLOCK,
     _DEFAULT_QUERY_BLOCK,
     _PENDING_PER_ROW,
@@ -262,7 +262,7 @@ def split_orbit_knn(
         centre = (x.sum(dim=0, dtype=exact_dtype) / m).to(dtype)
         centre = centre[elements.reshape(-1, dim)].mean(dim=0)  # averaged over the group
         # Screen on data scaled by a power of two when its centred magnitudes are extreme (exact;
-        # see gapcallback.functional.knn), so that the screen neither overflows nor underflows.
+        # see gapcallback.functional.nearest_neighbours), so that the screen neither overflows nor underflows.
         exponent = screen_exponent(centred_magnitude(x, centre), centred_magnitude(q, centre))
         # Eigenspace coordinates in the input's precision (float64 inputs: float64, then rounded).
         weights = split.weights.to(device=device, dtype=dtype)

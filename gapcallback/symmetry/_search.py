@@ -4,7 +4,7 @@ Finite groups (:func:`stacked_orbit_knn`)
 -----------------------------------------
 For a finite group :math:`G` of isometries, :math:`\min_g \lVert y - g z\rVert =
 \min_g \lVert g^{-1} y - z\rVert = \min_g \lVert g y - z\rVert`, so the orbit kNN is one plain
-exact search (:func:`gapcallback.functional.knn._knn_exact`: blocked GEMM screen, exact re-check by
+exact search (:func:`gapcallback.functional.nearest_neighbours._knn_exact`: blocked GEMM screen, exact re-check by
 direct difference) of the stacked query orbit :math:`[\,g_1 Q; \dots; g_{|G|} Q\,]` against the
 untouched points, followed by a minimum over :math:`g` per point index. The GEMM work is exactly
 :math:`|G|` times the plain search's; the centring, norms and re-check of the points are shared by all
@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from gapcallback.functional.knn import (
+from gapcallback.functional.nearest_neighbours import (
     _DEFAULT_POINT_BLOCK,
     _DEFAULT_QUERY_BLOCK,
     KNNResult,
@@ -85,7 +85,7 @@ def stacked_orbit_knn(
 
     Returns:
         :class:`KNNResult` with exact squared orbit distances ``[N, k]`` (float64; float32 on MPS;
-        ascending, ties: lower index). The caller casts them (``functional.knn.output_sq_dists``).
+        ascending, ties: lower index). The caller casts them (``functional.nearest_neighbours.output_sq_dists``).
 
     Exactness: if point :math:`j` is among the k nearest in orbit distance, attained at :math:`g^*`,
     every point ranked before :math:`j` for the query :math:`g^* y` is also ranked before it in orbit

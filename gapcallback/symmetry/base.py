@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from gapcallback.functional.knn import KNNResult
+    from gapcallback.functional.nearest_neighbours import KNNResult
 
 __all__ = ["Symmetry"]
 
@@ -48,10 +48,10 @@ class Symmetry(ABC):
 
         Returns exact squared orbit distances ``[N, k]`` (ascending; float64, or float32 on MPS)
         and indices ``[N, k]`` into ``points``; :func:`gapcallback.functional.knn` casts them to
-        the output dtype (:func:`gapcallback.functional.knn.output_sq_dists`). With
+        the output dtype (:func:`gapcallback.functional.nearest_neighbours.output_sq_dists`). With
         ``exclude_self`` the whole orbit of point ``i`` is excluded for query ``i``. Squared
         distances that float64 cannot hold raise
-        :class:`gapcallback.functional.knn.DistanceRangeError`.
+        :class:`gapcallback.functional.nearest_neighbours.DistanceRangeError`.
         """
 
     def check_shape(self, x: Tensor, name: str) -> None:  # noqa: B027 - optional hook

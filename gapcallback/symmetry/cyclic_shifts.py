@@ -48,7 +48,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gapcallback.functional.knn import KNNResult, ldexp, screen_exponent
+from gapcallback.functional.nearest_neighbours import KNNResult, ldexp, screen_exponent
 from gapcallback.symmetry._central_split import MAX_INVOLUTIONS, MIN_WIDTH
 from gapcallback.symmetry._search import bounded_search, stacked_orbit_knn
 from gapcallback.symmetry.base import Symmetry
@@ -78,7 +78,7 @@ class CyclicShifts(Symmetry):
 
     Example:
         >>> import torch
-        >>> from gapcallback.functional.knn import knn
+        >>> from gapcallback.functional import knn
         >>> from gapcallback.symmetry import CyclicShifts
         >>> x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
         >>> knn(x.roll(1, -1), x, symmetry=CyclicShifts()).sq_dists

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from gapcallback.functional.knn import KNNResult, exact_knn
+from gapcallback.functional.nearest_neighbours import KNNResult, exact_knn
 from gapcallback.symmetry._search import merge_topk, stacked_orbit_knn
 from gapcallback.symmetry.base import Symmetry
 
@@ -61,7 +61,7 @@ class FiniteGroup(Symmetry):
 
     Example:
         >>> import torch
-        >>> from gapcallback.functional.knn import knn
+        >>> from gapcallback.functional import knn
         >>> from gapcallback.symmetry import FiniteGroup
         >>> x = torch.tensor([[1.0, 2.0, 3.0]])
         >>> knn(x.flip(-1), x, symmetry=FiniteGroup.flips(dims=(-1,))).sq_dists

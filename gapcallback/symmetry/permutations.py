@@ -35,7 +35,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from gapcallback.functional.knn import KNNResult
+from gapcallback.functional.nearest_neighbours import KNNResult
 from gapcallback.symmetry._search import bounded_search
 from gapcallback.symmetry.base import Symmetry
 from gapcallback.symmetry.rigid_motions import RigidMotions
@@ -61,7 +61,7 @@ class Permutations(Symmetry):
 
     Example:
         >>> import torch
-        >>> from gapcallback.functional.knn import knn
+        >>> from gapcallback.functional import knn
         >>> from gapcallback.symmetry import Permutations
         >>> x = torch.randn(1, 5, 2)
         >>> knn(x[:, [3, 1, 4, 0, 2]], x, symmetry=Permutations()).sq_dists

@@ -13,7 +13,7 @@ its gap is governed by the quotient space :math:`\Omega / G`:
 
 How the rest of gapcallback uses it: ``representation_gap``, ``RepresentationGap``, the intrinsic
 dimension estimators and ``GapLaw.fit`` take ``symmetry=`` and pass it down to
-:func:`gapcallback.functional.knn.knn`, so every distance is an orbit distance and the estimated
+:func:`gapcallback.functional.nearest_neighbours.knn`, so every distance is an orbit distance and the estimated
 dimension *is* the quotient dimension (no correction needed). The two helpers below convert
 between the ambient and the quotient view: :func:`quotient_dimension` (uses the group's
 ``dimension`` attribute) and :func:`effective_sample_size` (uses its ``order`` attribute).

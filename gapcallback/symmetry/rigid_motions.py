@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from gapcallback.functional.knn import KNNResult
+from gapcallback.functional.nearest_neighbours import KNNResult
 from gapcallback.symmetry._search import bounded_search
 from gapcallback.symmetry.base import Symmetry
 from gapcallback.utils.precision import full_precision
@@ -51,7 +51,7 @@ class RigidMotions(Symmetry):
 
     Example:
         >>> import torch
-        >>> from gapcallback.functional.knn import knn
+        >>> from gapcallback.functional import knn
         >>> from gapcallback.symmetry import RigidMotions
         >>> x = torch.randn(1, 10, 3, dtype=torch.float64)
         >>> rot = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)

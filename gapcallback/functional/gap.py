@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from gapcallback.functional.knn import exact_knn
+from gapcallback.functional.nearest_neighbours import exact_knn
 from gapcallback.utils.checks import check_exponent, compute_dtype
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
 
-from gapcallback.functional.knn import DistanceRangeError, exact_knn, output_sq_dists
+from gapcallback.functional.nearest_neighbours import DistanceRangeError, exact_knn, output_sq_dists
 from gapcallback.utils.checks import check_point_set, compute_dtype
 
 if TYPE_CHECKING:

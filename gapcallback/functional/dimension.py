@@ -67,8 +67,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gapcallback.functional.knn import KNNResult, exact_knn
-from gapcallback.functional.representation_gap import gap_value
+from gapcallback.functional.gap import gap_value
+from gapcallback.functional.nearest_neighbours import KNNResult, exact_knn
 from gapcallback.utils.checks import (
     check_choice,
     check_exponent,
@@ -200,7 +200,7 @@ def intrinsic_dimension(x: Tensor, method: str = "calibrated", **options: Any) -
 
     Example:
         >>> import torch
-        >>> from gapcallback.functional.intrinsic_dimension import intrinsic_dimension
+        >>> from gapcallback.functional import intrinsic_dimension
         >>> g = torch.Generator().manual_seed(0)
         >>> plane = torch.rand(2000, 2, generator=g) @ torch.randn(2, 10, generator=g)
         >>> round(float(intrinsic_dimension(plane)))
@@ -310,7 +310,7 @@ def check_dimension_method(
         TypeError: an option the method does not take, or an option of the wrong type.
 
     Example:
-        >>> from gapcallback.functional.intrinsic_dimension import check_dimension_method
+        >>> from gapcallback.functional.dimension import check_dimension_method
         >>> check_dimension_method("mle", {"k": 20})
         {'k': 20}
         >>> check_dimension_method("twonnn")
