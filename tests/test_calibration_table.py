@@ -1,30 +1,45 @@
 """Tests of the shipped calibration table of the ``"calibrated"`` intrinsic-dimension estimator.
 
-Oracles: a fresh simulation by the estimator's own ``_reference_stats`` (equal at grid points,
-within Monte-Carlo noise between them), the simulation counter ``_reference_stats.cache_info()``
-(a call the table covers must not simulate), and a sphere of known dimension.
+Oracles: a fresh simulation by the estimator's own ``simulate_reference_stats`` (equal at grid
+points, within Monte-Carlo noise between them), the simulation counter of its memo
+``reference_stats.cache_info()`` (a call the table covers must not simulate), and a sphere of
+known dimension.
 """
 
 from __future__ import annotations
 
-import importlib
+import ast
+import importlib.resources
 import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from gapcallback.functional import calibration_table as table_module
-from gapcallback.functional.dimension import (
+from gapcallback.functional.dimension import intrinsic_dimension_estimate
+from gapcallback.functional.dimension_calibration import (
+    References,
+    calibration_sizes,
+    family_reading,
+    match_references,
+)
+from gapcallback.functional.dimension_references import (
+    CALIBRATION_DIMS,
+    MAX_REFERENCE_POINTS,
+    REFERENCE_CACHE_SIZE,
     REFERENCE_FAMILIES,
-    intrinsic_dimension_estimate,
+    reference_stats,
+    simulate_reference_stats,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-id_module = importlib.import_module("gapcallback.functional.dimension")
-simulate = id_module._reference_stats.__wrapped__  # the uncached simulation
+simulate = simulate_reference_stats  # the uncached simulation
 
 
 def _sphere(n: int, d: int, big_d: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -39,7 +54,7 @@ def _sphere(n: int, d: int, big_d: int | None = None, seed: int = 0) -> torch.Te
 
 def _simulations() -> int:
     """Calls of the simulation so far (hits and misses of its memo)."""
-    info = id_module._reference_stats.cache_info()
+    info = reference_stats.cache_info()
     return info.hits + info.misses
 
 
@@ -52,13 +67,13 @@ def test_table_loads_with_the_documented_grid() -> None:
     assert table.families == REFERENCE_FAMILIES
     assert table.k == table_module.K == 10 and table.seed == table_module.SEED == 0
     # dimensions: the estimator's fixed grid, every integer to 12, then ~15% steps to 512
-    assert tuple(table.dims) == id_module._CALIBRATION_DIMS
+    assert tuple(table.dims) == CALIBRATION_DIMS
     assert tuple(table.dims[:13]) == (*range(1, 13), 14) and table.dims[-1] == 512
     assert table.dims.size == 39 and np.diff(table.dims[11:]).min() >= 2
     assert (table.dims[12:-1] / table.dims[11:-2]).max() < 1.2
     # sizes: 28 on a log grid from k + 1 = 11 to the chunk size 4000
     assert tuple(table.sizes) == table_module.SIZES and len(table_module.SIZES) == 28
-    assert table.sizes[0] == 11 and table.sizes[-1] == id_module._CALIBRATION_MAX_POINTS == 4000
+    assert table.sizes[0] == 11 and table.sizes[-1] == MAX_REFERENCE_POINTS == 4000
     assert np.exp(np.diff(np.log(table.sizes))).max() < 1.3
     assert table.raw.shape == table.cos.shape == (4, 39, 28)
     assert np.isfinite(table.raw).all() and np.isfinite(table.cos).all()
@@ -142,6 +157,75 @@ def test_lookup_outside_the_table_is_none() -> None:
     assert not table_module.covers(10, 10, 0) and table_module.covers(11, 10, 0)
 
 
+# ---------------------------------------------------------------- caches and modules
+
+
+def test_the_caches_are_bounded_and_inspectable() -> None:
+    # The memo of the simulated references and the loaded table: bounded lru_caches.
+    assert reference_stats.cache_info().maxsize == REFERENCE_CACHE_SIZE == 4096
+    assert table_module.load_table.cache_info().maxsize == 1
+    reference_stats.cache_clear()
+    first = reference_stats("cube", 2, 20, 10, 5)
+    info = reference_stats.cache_info()
+    assert (info.misses, info.hits, info.currsize) == (1, 0, 1)
+    assert reference_stats("cube", 2, 20, 10, 5) == first == simulate("cube", 2, 20, 10, 5)
+    assert reference_stats.cache_info().hits == 1
+    reference_stats.cache_clear()
+    assert reference_stats.cache_info().currsize == 0
+
+
+_ID_MODULES = {
+    "dimension_references": "gapcallback/functional/dimension_references.py",
+    "calibration_table": "gapcallback/functional/calibration_table.py",
+    "dimension_calibration": "gapcallback/functional/dimension_calibration.py",
+    "dimension": "gapcallback/functional/dimension.py",
+    "metric": "gapcallback/metrics/intrinsic_dimension.py",
+}
+
+
+def _imports(path: Path) -> list[tuple[str, str]]:
+    """``(module, name)`` of every ``from gapcallback... import name`` in the file (any depth)."""
+    tree = ast.parse(path.read_text())
+    return [
+        (node.module, alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gapcallback")
+        for alias in node.names
+    ]
+
+
+def test_the_estimator_modules_import_public_names_one_way() -> None:
+    # No private names across modules, and a one-way layering: references <- table <-
+    # calibration <- dimension (the table module is imported by the calibration on first use).
+    root = Path(__file__).resolve().parent.parent
+    found = {key: _imports(root / path) for key, path in _ID_MODULES.items()}
+    for key, imports in found.items():
+        assert not [i for i in imports if i[1].startswith("_")], key
+    below = {
+        "dimension_references": (),
+        "calibration_table": ("dimension_references",),
+        "dimension_calibration": ("dimension_references", "calibration_table"),
+    }
+    for key, allowed in below.items():
+        used = {m.rsplit(".", 1)[-1] for m, _ in found[key]} | {
+            n for m, n in found[key] if m == "gapcallback.functional"
+        }
+        assert used & set(_ID_MODULES) <= set(allowed), (key, used)
+
+
+def test_the_table_command_runs_without_importing_the_module_twice() -> None:
+    # Importing the package does not import the table module, so `python -m
+    # gapcallback.functional.calibration_table` (the documented way to regenerate the table) runs
+    # it once: runpy would warn otherwise.
+    out = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", table_module.__name__, "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert "--workers" in out.stdout and "--out" in out.stdout
+
+
 # ---------------------------------------------------------------- the estimator reads it
 
 
@@ -150,7 +234,7 @@ def test_table_covers_every_input_size_from_50_to_a_million() -> None:
     # for N on a log grid 50..10^6 (and every N from 11 to 9000), that size is in the table.
     sizes = {int(v) for v in np.geomspace(50, 1e6, 80).round()} | set(range(11, 9001))
     for n in sorted(sizes):
-        chunks, size, ref_n = id_module._calibration_sizes(n)
+        chunks, size, ref_n = calibration_sizes(n)
         assert chunks * size <= n < chunks * (size + 1) and size <= 4000
         assert table_module.covers(ref_n, 10, 0), n
 
@@ -175,7 +259,7 @@ def _gaussian(n: int, d: int, seed: int = 0) -> torch.Tensor:
 def test_a_table_covered_call_simulates_nothing(caplog, x: torch.Tensor, d: int) -> None:
     # Every ambient dimension reads the table: the fixed grid is walked to the first grid
     # dimension >= D, never to D itself.
-    id_module._reference_stats.cache_clear()
+    reference_stats.cache_clear()
     with caplog.at_level(logging.INFO, logger="gapcallback"):
         est = intrinsic_dimension_estimate(x)
     assert _simulations() == 0
@@ -187,11 +271,11 @@ def test_a_table_covered_call_simulates_nothing(caplog, x: torch.Tensor, d: int)
 
 def test_an_off_table_call_simulates_and_says_so_in_one_line(caplog) -> None:
     x = _sphere(300, 3, 6, seed=1)
-    id_module._reference_stats.cache_clear()
+    reference_stats.cache_clear()
     with caplog.at_level(logging.INFO, logger="gapcallback"):
         est = intrinsic_dimension_estimate(x, k=7)
     assert not est.details["tabulated"]
-    simulated = id_module._reference_stats.cache_info().misses
+    simulated = reference_stats.cache_info().misses
     assert simulated > 0
     lines = [r for r in caplog.records if r.name.startswith("gapcallback")]
     assert len(lines) == 1 and lines[0].levelno == logging.INFO
@@ -201,12 +285,12 @@ def test_an_off_table_call_simulates_and_says_so_in_one_line(caplog) -> None:
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="gapcallback"):
         again = intrinsic_dimension_estimate(x, k=7)
-    assert id_module._reference_stats.cache_info().misses == simulated and not caplog.records
+    assert reference_stats.cache_info().misses == simulated and not caplog.records
     assert torch.equal(again.dimension, est.dimension)
 
 
 def test_the_estimate_of_a_3_sphere_from_the_table() -> None:
-    id_module._reference_stats.cache_clear()
+    reference_stats.cache_clear()
     est = intrinsic_dimension_estimate(_sphere(3000, 3, 10, seed=3))
     assert _simulations() == 0 and est.details["reference_points"] == 3000
     assert float(est.dimension) == pytest.approx(3, rel=0.03)
@@ -224,7 +308,7 @@ def test_the_table_gives_the_simulated_estimate_at_a_grid_size() -> None:
         raw, cos = np.mean(runs, axis=0)
         return float(raw), float(cos)
 
-    d, _ = id_module._match_references(
+    d, _ = match_references(
         tabulated.details["raw"], tabulated.details["cos"], refs, 9, REFERENCE_FAMILIES
     )
     assert d == pytest.approx(float(tabulated.dimension), rel=1e-12)
@@ -233,16 +317,16 @@ def test_the_table_gives_the_simulated_estimate_at_a_grid_size() -> None:
 def test_the_reading_is_clamped_to_an_off_grid_ambient_dimension() -> None:
     # top = 20 lies between the grid dimensions 18 and 21: the walk stops at 21, the reading
     # is clamped to 20 (and below it equals the interpolation on the grid).
-    refs = id_module._References(1000, 10, 0)
+    refs = References(1000, 10, 0)
     calls: list[int] = []
 
     def counted(family: str, dim: int) -> tuple[float, float]:
         calls.append(dim)
         return refs(family, dim)
 
-    d, _ = id_module._family_reading("cube", 1e9, counted, 20)
-    assert d == 20.0 and calls[-1] == 21 and calls == list(id_module._CALIBRATION_DIMS[:16])
+    d, _ = family_reading("cube", 1e9, counted, 20)
+    assert d == 20.0 and calls[-1] == 21 and calls == list(CALIBRATION_DIMS[:16])
     r18, r21 = refs("cube", 18)[0], refs("cube", 21)[0]
     mid = 0.5 * (r18 + r21)
-    d, _ = id_module._family_reading("cube", mid, refs, 20)
+    d, _ = family_reading("cube", mid, refs, 20)
     assert d == pytest.approx(19.5) and d <= 20

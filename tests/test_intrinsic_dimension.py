@@ -6,7 +6,6 @@ dimension (uniform samples of linear subspaces, spheres and tori), and exact inv
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import numpy as np
@@ -25,11 +24,9 @@ from gapcallback.functional.dimension import (
     intrinsic_dimension_estimate,
     multiscale_dimension,
 )
+from gapcallback.functional.dimension_references import reference_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# the module itself (the package re-exports the function under the same name)
-id_module = importlib.import_module("gapcallback.functional.dimension")
 
 
 def _flat(n: int, d: int, big_d: int, seed: int = 0) -> torch.Tensor:
@@ -186,7 +183,7 @@ def test_sphere_only_calibration_misreads_a_flat_torus() -> None:
 def test_calibration_does_not_depend_on_the_cache() -> None:
     a, b = _flat(600, 6, 8, seed=1), _torus(600, 7, seed=2)
     first = [intrinsic_dimension_estimate(v) for v in (a, b)]
-    id_module._reference_stats.cache_clear()
+    reference_stats.cache_clear()
     second = [intrinsic_dimension_estimate(v) for v in (b, a)][::-1]
     for e1, e2 in zip(first, second, strict=True):
         assert torch.equal(e1.dimension, e2.dimension) and torch.equal(e1.std, e2.std)

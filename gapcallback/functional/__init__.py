@@ -6,9 +6,18 @@
 ``memorization``                   ``functional/memorized.py`` (Gu et al. 2023)
 ``intrinsic_dimension`` (+ ...)    ``functional/dimension.py``: TwoNN, MLE, gap
                                    slope, calibrated default, multiscale view
+(its calibrated default)           ``functional/dimension_calibration.py`` (matching against
+                                   references), ``functional/dimension_references.py``
+                                   (simulated reference families, memoised),
+                                   ``functional/calibration_table.py`` (the shipped table)
 ``gradient_snr`` (+ ...)           ``functional/gradient_signal.py``: per-sample gradients, SNR,
                                    one-step generalization ratio (Liu et al. 2020)
 =================================  ==========================================================
+
+No function keeps state between calls, except two bounded, documented memos of deterministic
+results: the simulated references of the calibrated estimator
+(``dimension_references.reference_stats``, an ``lru_cache`` of 4096 entries) and the loaded table
+(``calibration_table.load_table``, one entry); each has ``cache_info()`` and ``cache_clear()``.
 """
 
 from gapcallback.functional.dimension import (

@@ -10,9 +10,10 @@ regenerates it (``python -m gapcallback.functional.calibration_table``).
 What an entry holds
     For a family :math:`f` (sphere :math:`S^d`, flat torus :math:`(S^1)^d`, cube :math:`[0,1]^d`,
     Gaussian :math:`N(0, I_d)`), a dimension :math:`d` and a reference size :math:`n`, the pair
-    ``_reference_stats(f, d, n, k=10, seed)`` of the estimator, averaged over the four seeds
-    :data:`SEEDS` (0 to 3). One simulation draws ``r`` samples of ``n`` points with
-    :math:`r = \min(6, \lceil 5000 / n\rceil)`, drawn from one ``torch.Generator`` seeded with
+    :func:`~gapcallback.functional.dimension_references.simulate_reference_stats` ``(f, d, n,
+    k=10, seed)`` of the estimator, averaged over the four seeds :data:`SEEDS` (0 to 3). One
+    simulation draws ``r`` samples of ``n`` points with :math:`r = \min(6, \lceil 5000 /
+    n\rceil)`, drawn from one ``torch.Generator`` seeded with
     ``(1_000_003 seed + 7919 d + 31 n + k + 104_729 index(f)) mod 2^62``, and
 
     * the raw Levina-Bickel MLE :math:`\hat m = (k - 1) / \frac1r \sum_{\text{samples}}
@@ -27,9 +28,10 @@ What an entry holds
     reads the table; another seed simulates once, as before.
 
 The grid
-    * families: :data:`~gapcallback.functional.dimension.REFERENCE_FAMILIES` (4);
-    * dimensions: the estimator's fixed grid, 1 to 12, then steps of about 15% up to 512
-      (39 values: ..., 12, 14, 16, 18, 21, 24, 28, 32, ..., 458, 512);
+    * families: :data:`~gapcallback.functional.dimension_references.REFERENCE_FAMILIES` (4);
+    * dimensions: the estimator's fixed grid
+      :data:`~gapcallback.functional.dimension_references.CALIBRATION_DIMS`, 1 to 12, then steps
+      of about 15% up to 512 (39 values: ..., 12, 14, 16, 18, 21, 24, 28, 32, ..., 458, 512);
     * sizes: :data:`SIZES`, 28 sizes geometrically spaced from ``k + 1 = 11`` (the fewest points
       ``k = 10`` neighbours allow) to 4000 (about 24% apart);
     * ``k = 10`` and ``seed = 0`` (:data:`K`, :data:`SEED`, the estimator's defaults), each entry
@@ -42,7 +44,8 @@ Coverage
     ``N <= 4000``, then between 2000 and 4000 for every larger ``N`` (``N = 10^6`` gives 250 chunks
     of 4000). So every input the estimator accepts with ``k = 10, seed = 0`` (``N`` from 11 to
     :math:`10^6` and beyond) reads the table and simulates nothing. Other ``k`` or ``seed`` fall
-    outside: the estimator simulates then (announced by one log line, memoised for the process).
+    outside: the estimator simulates then (announced by one log line, memoised for the process
+    by :func:`~gapcallback.functional.dimension_references.reference_stats`).
     A subset of ``references`` reads the same table.
 
 Interpolation
@@ -53,8 +56,12 @@ Interpolation
     noise of a fresh simulation (tested).
 
 Caching
-    :func:`load_table` reads the shipped file once per process (``functools.cache``;
-    ``load_table.cache_clear()`` forgets it); the loaded arrays take about 70 kB.
+    :func:`load_table` reads the shipped file once per process (``functools.lru_cache(maxsize=1)``:
+    one entry, the table; ``load_table.cache_info()`` reports it, ``load_table.cache_clear()``
+    forgets it); the loaded arrays take about 70 kB. That is the module's only state: building a
+    table simulates through the uncached
+    :func:`~gapcallback.functional.dimension_references.simulate_reference_stats`, so it neither
+    reads nor fills the estimator's memo.
 
 Regenerating (the grid and the seeds are the constants here; four simulations per entry, about
 an hour of CPU: one simulation per entry took 807 s on one core of the build machine)::
@@ -78,11 +85,11 @@ from typing import IO, NamedTuple
 import numpy as np
 import torch
 
-from gapcallback.functional.dimension import (
-    _CALIBRATION_DIMS,
-    _CALIBRATION_MAX_POINTS,
+from gapcallback.functional.dimension_references import (
+    CALIBRATION_DIMS,
+    MAX_REFERENCE_POINTS,
     REFERENCE_FAMILIES,
-    _reference_stats,
+    simulate_reference_stats,
 )
 
 __all__ = [
@@ -112,7 +119,7 @@ halve the Monte-Carlo noise of the references (its spread moved the mean relativ
 benchmark suites by about +-0.15 points with one simulation)."""
 
 SIZES: tuple[int, ...] = tuple(
-    int(v) for v in np.unique(np.round(np.geomspace(K + 1, _CALIBRATION_MAX_POINTS, 28)))
+    int(v) for v in np.unique(np.round(np.geomspace(K + 1, MAX_REFERENCE_POINTS, 28)))
 )
 """Reference sizes of the table: 28 sizes geometrically spaced from ``K + 1`` to 4000."""
 
@@ -151,20 +158,21 @@ def _simulate_entry(
     f, d, s, family, dim, n, k_seed = task
     k, seed = divmod(k_seed, 1 << 20)
     torch.set_num_threads(1)
-    raw, cos = _reference_stats.__wrapped__(family, dim, n, k, seed)  # bypass the estimator's memo
+    raw, cos = simulate_reference_stats(family, dim, n, k, seed)  # not the estimator's memo
     return f, d, s, raw, cos
 
 
 def build_table(
     sizes: Sequence[int] = SIZES,
-    dims: Sequence[int] = _CALIBRATION_DIMS,
+    dims: Sequence[int] = CALIBRATION_DIMS,
     families: Sequence[str] = REFERENCE_FAMILIES,
     k: int = K,
     seeds: Sequence[int] = SEEDS,
     workers: int = 1,
     verbose: bool = False,
 ) -> CalibrationTable:
-    """Simulate every entry of the table: the mean over ``seeds`` of ``_reference_stats``.
+    """Simulate every entry of the table: the mean over ``seeds`` of
+    :func:`~gapcallback.functional.dimension_references.simulate_reference_stats`.
 
     Args:
         sizes: increasing reference sizes (each ``> k``).
@@ -259,10 +267,10 @@ def read_table(source: str | Path | IO[bytes]) -> CalibrationTable:
     return table
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)
 def load_table() -> CalibrationTable:
     """The shipped table (package data ``gapcallback/data/calibration_k10_seed0.npz``), read once
-    per process (``functools.cache``; ``load_table.cache_clear()`` forgets it)."""
+    per process (``functools.lru_cache(maxsize=1)``; ``load_table.cache_clear()`` forgets it)."""
     resource = importlib.resources.files("gapcallback") / "data" / TABLE_FILE
     try:
         data = resource.read_bytes()

@@ -50,7 +50,15 @@ boundaries bias it at large ones: see :func:`multiscale_dimension` for the estim
     reference sizes from 11 to 4000, interpolated linearly in :math:`\log n`), so no call simulates
     anything, whatever ``N``; other ``k`` or ``seed`` simulate the references once per process
     (announced by one INFO line on the ``gapcallback`` logger; seeded by ``(family, d, n, k,
-    seed)`` and memoised), so the estimate is deterministic either way.
+    seed)`` and memoised by the bounded
+    :func:`~gapcallback.functional.dimension_references.reference_stats`), so the estimate is
+    deterministic either way.
+
+    The machinery lives in two modules: :mod:`gapcallback.functional.dimension_references` (the
+    families, the grid, the statistics and their seeded, memoised simulation) and
+    :mod:`gapcallback.functional.dimension_calibration` (chunking, reading the references,
+    matching, the delta method); this module validates the options and calls
+    :func:`~gapcallback.functional.dimension_calibration.calibrate`.
 
 Duplicates and near-duplicates (distance below ``dup_tol`` times the data's RMS radius) would give
 :math:`r_1 = 0` and break every estimator; they are merged first (one representative per group).
@@ -59,14 +67,15 @@ Duplicates and near-duplicates (distance below ``dup_tol`` times the data's RMS 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from gapcallback.functional.dimension_calibration import calibrate, check_references
+from gapcallback.functional.dimension_references import MAX_REFERENCE_POINTS, REFERENCE_FAMILIES
 from gapcallback.functional.gap import gap_value
 from gapcallback.functional.nearest_neighbours import KNNResult, exact_knn
 from gapcallback.utils.checks import (
@@ -80,7 +89,6 @@ from gapcallback.utils.checks import (
     check_same_features,
     compute_dtype,
 )
-from gapcallback.utils.log import get_logger
 
 __all__ = [
     "METHODS",
@@ -117,17 +125,6 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 
 DEFAULT_DUP_TOL = 1e-6
 """Default duplicate tolerance, relative to the RMS distance of the points to their mean."""
-
-REFERENCE_FAMILIES = ("sphere", "torus", "cube", "gaussian")
-"""Simulated families the default ``"calibrated"`` estimator is calibrated against."""
-
-_CALIBRATION_MAX_POINTS = 4000  # larger sets are split into equal chunks of at most this size
-_CALIBRATION_MIN_SIM_POINTS = 5000  # simulated points per family and grid dimension (repeats)
-_CALIBRATION_MAX_REPEATS = 6
-_CALIBRATION_MAX_DIM = 512
-_COS_BLOCK_ELEMENTS = 1 << 22  # rows per block of the neighbour-direction tensor [B, k, D]
-
-_LOG = get_logger("intrinsic_dimension")
 
 
 class DimensionEstimate(NamedTuple):
@@ -246,7 +243,7 @@ def intrinsic_dimension_estimate(
     n_rows = x.shape[0]
     if method == "twonn":
         probe_k = 2
-    elif method == "mle" or (method == "calibrated" and n_rows <= _CALIBRATION_MAX_POINTS):
+    elif method == "mle" or (method == "calibrated" and n_rows <= MAX_REFERENCE_POINTS):
         probe_k = _int_or(options.get("k", 10), 1)
     else:
         probe_k = 1
@@ -341,7 +338,7 @@ def check_dimension_method(
     if "seed" in options:
         check_positive_int(options["seed"], "seed", minimum=0)
     if "references" in options:
-        _check_references(options["references"])
+        check_references(options["references"])
     if "p" in options:
         check_exponent(options["p"])
     if "holdout" in options:
@@ -646,48 +643,7 @@ def _calibrated(
 ) -> tuple[float, float, dict[str, Any]]:
     k = _check_k(k, points.shape[0])
     seed = check_positive_int(seed, "seed", minimum=0)
-    families = _check_references(references)
-    n = points.shape[0]
-    chunks, size, ref_n = _calibration_sizes(n)
-    if chunks == 1:
-        s, c = _geometry_stats(points, k, neighbours)
-    else:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(points.device)
-        parts = [_geometry_stats(points[perm[i * size : (i + 1) * size]], k) for i in range(chunks)]
-        s = torch.cat([p[0] for p in parts])
-        c = torch.cat([p[1] for p in parts])
-    m = s.numel()
-    s_mean = float(s.mean())
-    if s_mean <= 0:
-        raise ValueError("All k nearest-neighbour distances are equal; the MLE is undefined.")
-    raw, cos = (k - 1) / s_mean, float(c.mean())
-    refs = _References(ref_n, k, seed)
-    d, fam = _match_references(raw, cos, refs, points.shape[1], families)
-    # Delta method on (raw, cos): per-point covariance of (s_i, c_i), central differences of the map.
-    cov = torch.cov(torch.stack([s, c])).numpy() / m if m > 1 else np.zeros((2, 2))
-    h_raw, h_cos = 1e-3 * raw, 1e-3 * max(abs(cos), 1e-2)
-    grad_raw = (
-        _match_references(raw + h_raw, cos, refs, points.shape[1], families)[0]
-        - _match_references(raw - h_raw, cos, refs, points.shape[1], families)[0]
-    ) / (2 * h_raw)
-    grad_cos = (
-        _match_references(raw, cos + h_cos, refs, points.shape[1], families)[0]
-        - _match_references(raw, cos - h_cos, refs, points.shape[1], families)[0]
-    ) / (2 * h_cos)
-    # d(raw)/d(mean s) = -raw / mean s
-    g = np.array([grad_raw * (-raw / s_mean), grad_cos])
-    std = math.sqrt(max(float(g @ cov @ g), 0.0))
-    details = {
-        "k": k,
-        "raw": raw,
-        "cos": cos,
-        "calibration_points": size,
-        "reference_points": ref_n,
-        "chunks": chunks,
-        "reference": fam,
-        "tabulated": refs.tabulated,
-    }
-    return d, std, details
+    return calibrate(points, k, seed, check_references(references), neighbours)
 
 
 def _gap(
@@ -716,222 +672,6 @@ def _gap(
         float(res.std),
         {"sizes": res.sizes, "gaps": res.gaps, "p": float(p)},  # type: ignore[arg-type]
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# calibration against simulated reference families
-# ----------------------------------------------------------------------------------------------
-
-
-def _geometry_stats(
-    points: Tensor, k: int, neighbours: KNNResult | None = None
-) -> tuple[Tensor, Tensor]:
-    r"""Per-point statistics of the k nearest other points, float64 on the CPU.
-
-    Returns ``s`` (``[N]``, :math:`\sum_{j<k} \log(T_{k,i} / T_{j,i})`, the Levina-Bickel sum) and
-    ``c`` (``[N]``, the mean cosine between the directions :math:`u_{j} = (x_j - x_i) / \lVert x_j -
-    x_i\rVert` to the k neighbours over all pairs :math:`j \ne l`, computed as
-    :math:`(\lVert \sum_j u_j\rVert^2 - k) / (k (k - 1))`).
-    """
-    n, dim = points.shape
-    res = neighbours
-    if res is None or res.indices.shape != (n, k):
-        res = knn(points, points, k, exclude_self=True)
-    log_r = 0.5 * res.sq_dists.to(device="cpu", dtype=torch.float64).log()
-    s = (log_r[:, k - 1 : k] - log_r[:, : k - 1]).sum(dim=1)
-    c = torch.empty(n, dtype=torch.float64)
-    block = max(1, _COS_BLOCK_ELEMENTS // (k * dim))
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        # float64 (where the device has it): low-precision inputs (bf16) and tiny or huge scales
-        # would otherwise round, flush or overflow the directions.
-        wide = torch.float32 if points.device.type == "mps" else torch.float64
-        v = points[res.indices[start:stop]].to(wide) - points[start:stop, None, :].to(wide)
-        u = v / v.norm(dim=2, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-        c[start:stop] = ((u.sum(dim=1).square().sum(dim=1) - k) / (k * (k - 1))).to(
-            device="cpu", dtype=torch.float64
-        )
-    return s, c
-
-
-def _reference_sample(family: str, dim: int, n: int, gen: torch.Generator) -> Tensor:
-    """``[n, D]`` float64 uniform sample of a reference family of intrinsic dimension ``dim``."""
-    if family == "sphere":  # S^dim in R^(dim + 1): curvature, no boundary
-        z = torch.randn(n, dim + 1, generator=gen, dtype=torch.float64)
-        return z / z.norm(dim=1, keepdim=True)
-    if family == "torus":  # flat (S^1)^dim in R^(2 dim): periodic, chord metric, no boundary
-        t = (2.0 * math.pi) * torch.rand(n, dim, generator=gen, dtype=torch.float64)
-        return torch.cat([t.cos(), t.sin()], dim=1)
-    if family == "cube":  # [0, 1]^dim: flat, with boundary
-        return torch.rand(n, dim, generator=gen, dtype=torch.float64)
-    return torch.randn(n, dim, generator=gen, dtype=torch.float64)  # gaussian: density gradient
-
-
-@lru_cache(maxsize=4096)
-def _reference_stats(family: str, dim: int, n: int, k: int, seed: int) -> tuple[float, float]:
-    """Pooled raw MLE and mean neighbour cosine of ``family`` in dimension ``dim`` (n points, seeded;
-    repeated until at least ``_CALIBRATION_MIN_SIM_POINTS`` points were simulated).
-
-    The simulation behind the shipped table (:mod:`gapcallback.functional.calibration_table`),
-    called by the estimator only outside it. Memoised per process (``functools.lru_cache``, at most
-    4096 entries of two floats): ``cache_info().misses`` counts the simulations, ``cache_clear()``
-    forgets them.
-    """
-    repeats = min(_CALIBRATION_MAX_REPEATS, max(1, math.ceil(_CALIBRATION_MIN_SIM_POINTS / n)))
-    key = 1_000_003 * seed + 7919 * dim + 31 * n + k + 104_729 * REFERENCE_FAMILIES.index(family)
-    gen = torch.Generator().manual_seed(key % (1 << 62))
-    s_total = c_total = 0.0
-    for _ in range(repeats):
-        s, c = _geometry_stats(_reference_sample(family, dim, n, gen), k)
-        s_total += float(s.mean())
-        c_total += float(c.mean())
-    return (k - 1) / (s_total / repeats), c_total / repeats
-
-
-def _dimension_grid(top: int) -> tuple[int, ...]:
-    """The calibration grid: every dimension up to 12, then steps of about 15% (rounded), the last
-    one clamped to ``top``."""
-    dims = [1]
-    while dims[-1] < top:
-        dim = dims[-1]
-        dims.append(dim + 1 if dim < 12 else min(top, max(dim + 1, round(dim * 1.15))))
-    return tuple(dims)
-
-
-_CALIBRATION_DIMS = _dimension_grid(_CALIBRATION_MAX_DIM)
-"""The fixed grid of simulated dimensions (39 values, 1 to 512), whatever the ambient dimension."""
-
-
-class _References:
-    """The reference statistics one ``"calibrated"`` estimate reads: ``refs(family, dim)`` is the
-    ``(raw MLE, mean cosine)`` of ``family`` in dimension ``dim`` at one ``(n, k, seed)``.
-
-    Read from the shipped table (:mod:`gapcallback.functional.calibration_table`: ``k = 10``,
-    ``seed = 0`` and every reference size the estimator uses) where it holds them, so nothing is
-    simulated; otherwise simulated by :func:`_reference_stats` (memoised for the process), and the
-    first simulation of the estimate is announced by one INFO line on the ``gapcallback`` logger.
-    """
-
-    def __init__(self, n: int, k: int, seed: int) -> None:
-        # Imported here: the table module imports this one (the simulation it tabulates).
-        from gapcallback.functional import calibration_table
-
-        self.n, self.k, self.seed = n, k, seed
-        self.tabulated = calibration_table.covers(n, k, seed)
-        self._lookup = calibration_table.lookup
-        self._announced = False
-
-    def __call__(self, family: str, dim: int) -> tuple[float, float]:
-        if self.tabulated:
-            value = self._lookup(family, dim, self.n, self.k, self.seed)
-            if value is not None:
-                return value
-        misses = _reference_stats.cache_info().misses
-        value = _reference_stats(family, dim, self.n, self.k, self.seed)
-        if not self._announced and _reference_stats.cache_info().misses > misses:
-            self._announced = True
-            _LOG.info(
-                "calibrating the intrinsic-dimension estimator for k=%d, seed=%d at n=%d reference"
-                " points (not in the shipped table, which holds k=10, seed=0): simulating the"
-                " reference families; this takes a while; cached for this process",
-                self.k,
-                self.seed,
-                self.n,
-            )
-        return value
-
-
-def _family_reading(
-    family: str, raw: float, refs: Callable[[str, int], tuple[float, float]], top: int
-) -> tuple[float, float]:
-    """Dimension ``d_f`` at which ``family``'s raw MLE equals ``raw`` (linear interpolation on the
-    grid, over the monotone envelope, at most ``top``), and the family's mean neighbour cosine there.
-
-    The grid is walked only until the reference statistic passes ``raw`` or a grid dimension
-    reaches ``top`` (the fixed grid :data:`_CALIBRATION_DIMS`, whatever ``top``, so that every
-    ambient dimension reads the shipped table); every grid value is seeded by its own key, so the
-    reading does not depend on what is cached.
-    """
-    dims: list[float] = []
-    raws: list[float] = []
-    coss: list[float] = []
-    for dim in _CALIBRATION_DIMS:
-        value, cos = refs(family, dim)
-        dims.append(float(dim))
-        raws.append(max(value, raws[-1]) if raws else value)
-        coss.append(cos)
-        if value > raw or dim >= top:
-            break
-    if raw <= raws[0]:
-        return dims[0] * raw / raws[0], coss[0]
-    d = dims[-1] if raw >= raws[-1] else float(np.interp(raw, raws, dims))
-    d = min(d, float(top))
-    return d, float(np.interp(d, dims, coss))
-
-
-def _match_references(
-    raw: float,
-    cos: float,
-    refs: _References,
-    ambient: int,
-    families: tuple[str, ...] = REFERENCE_FAMILIES,
-) -> tuple[float, dict[str, float]]:
-    """Map the observed ``(raw, cos)`` to a dimension and the weights of the reference families.
-
-    Each family reads its own dimension :math:`d_f` off ``raw`` and predicts a cosine
-    :math:`c_f(d_f)`; the families are sorted by :math:`c_f` and :math:`\\hat d` interpolated
-    linearly in ``cos`` between the two that bracket it (the nearest family outside the range).
-    """
-    top = min(_CALIBRATION_MAX_DIM, max(ambient, 2))
-    readings = sorted((*_family_reading(f, raw, refs, top)[::-1], f) for f in families)
-    cs = [r[0] for r in readings]
-    if cos <= cs[0]:
-        return readings[0][1], {readings[0][2]: 1.0}
-    if cos >= cs[-1]:
-        return readings[-1][1], {readings[-1][2]: 1.0}
-    i = int(np.searchsorted(cs, cos, side="right"))
-    (c0, d0, f0), (c1, d1, f1) = readings[i - 1], readings[i]
-    t = (cos - c0) / (c1 - c0) if c1 > c0 else 0.5
-    return (1.0 - t) * d0 + t * d1, {f0: 1.0 - t, f1: t}
-
-
-def _check_references(references: object) -> tuple[str, ...]:
-    """``references`` as a non-empty tuple of distinct names from :data:`REFERENCE_FAMILIES`."""
-    if isinstance(references, str) or not isinstance(references, (Sequence, set, frozenset)):
-        raise TypeError(
-            "`references` must be a sequence of family names from "
-            f"{REFERENCE_FAMILIES}, got {type(references).__name__}."
-        )
-    names = tuple(references)
-    bad = [f for f in names if f not in REFERENCE_FAMILIES]
-    if not names or bad or len(set(names)) != len(names):
-        raise ValueError(
-            f"`references` must be distinct names from {REFERENCE_FAMILIES}, got {names!r}."
-        )
-    return tuple(f for f in REFERENCE_FAMILIES if f in names)
-
-
-def _calibration_sizes(n: int) -> tuple[int, int, int]:
-    """``(chunks, points per chunk, reference size)`` of the calibration of ``n`` points.
-
-    ``chunks = ceil(n / 4000)`` equal chunks of ``n // chunks`` points (so 2000 to 4000 points each
-    above 4000), compared with references of that size rounded by :func:`_reference_size`: never
-    more than 4000, so inside the shipped table (sizes 11 to 4000) for every ``n`` that ``k = 10``
-    neighbours allow.
-    """
-    chunks = max(1, math.ceil(n / _CALIBRATION_MAX_POINTS))
-    size = n // chunks
-    return chunks, size, _reference_size(size)
-
-
-def _reference_size(n: int) -> int:
-    """Simulated points per reference sample: ``n`` to 3 significant digits, so that the cache also
-    serves sets whose size varies slightly between calls (dropped duplicates); the MLE bias moves
-    with :math:`\\log n`, so 0.5% in ``n`` changes nothing measurable."""
-    if n < 1000:
-        return n
-    step = 10 ** (len(str(n)) - 3)
-    return round(n / step) * step
 
 
 # ----------------------------------------------------------------------------------------------
