@@ -1,12 +1,13 @@
 r"""Streaming intrinsic dimension as a ``torchmetrics.Metric``, over a bounded, seeded reservoir.
 
-Each point gets a pseudo-random 63-bit key computed from its own bytes and the ``seed`` (a hash:
-no generator state), and the metric keeps the ``max_points`` points with the smallest keys (a
-bottom-k sketch). Because a point's key does not depend on the batch, the order or the process
-that saw it, the reservoir of a union is the union of the reservoirs, pruned: the state is a pair
-of ``cat`` list states (points, keys) and the result across DDP processes is exactly the
-single-process result on all the data. :meth:`compute` orders the kept points by key, so it is
-also independent of the order of the updates.
+Each point gets a pseudo-random 63-bit key computed from its own bytes and the ``seed``
+(:func:`reservoir_keys`, a hash: no generator state), and the metric keeps the ``max_points``
+points with the smallest keys (a bottom-k sketch). Because a point's key does not depend on the
+batch, the order or the process that saw it, the reservoir of a union is the union of the
+reservoirs, pruned: the state is a pair of ``cat`` list states (points, keys) and the result
+across DDP processes is exactly the single-process result on all the data. :meth:`compute` orders the kept points by key, so it is
+also independent of the order of the updates. Its only mutable state is those two list states
+and ``last_estimate``: the keys' multipliers are drawn from the seed at each update, not memoised.
 """
 
 from __future__ import annotations
@@ -25,17 +26,43 @@ from gapcallback.functional.dimension import (
 )
 from gapcallback.utils.checks import check_point_set, check_positive_int
 
-__all__ = ["IntrinsicDimension"]
+__all__ = ["IntrinsicDimension", "reservoir_keys"]
 
 _MASK63 = (1 << 63) - 1
+
+
+def reservoir_keys(x: Tensor, seed: int = 0) -> Tensor:
+    """The reservoir keys of :class:`IntrinsicDimension`: one 63-bit key per row of ``x``.
+
+    A multilinear hash of the float64 bytes of each row with ``D`` odd multipliers drawn from a
+    generator seeded with ``seed``, then mixed; a pure function of the row and the seed (not of the
+    batch, its order or the process), so the bottom-k reservoir of a union of batches is the
+    union of their reservoirs, pruned.
+
+    Args:
+        x: ``[B, D]`` points (any floating dtype and device).
+        seed: seed of the multipliers (>= 0).
+
+    Returns:
+        ``[B]`` int64 keys in ``[0, 2^63)``, on the CPU.
+    """
+    bits = x.to(torch.float64).view(torch.int64).cpu()
+    gen = torch.Generator().manual_seed(seed)
+    multipliers = torch.randint(1, 1 << 62, (bits.shape[1],), generator=gen) * 2 + 1
+    h = bits ^ (bits >> 31)
+    h = (h * multipliers).sum(dim=1)  # wraps modulo 2^64: a multilinear hash
+    for shift, mult in ((33, 0x62A9D9ED799705F5), (28, 0x4BE98134A5976FD3)):
+        h = (h ^ (h >> shift)) * mult
+    h = h ^ (h >> 32)
+    return (h & _MASK63).to(torch.int64)
 
 
 class IntrinsicDimension(Metric):
     r"""Intrinsic dimension of a stream of points (activations, samples, data batches).
 
     :meth:`update` adds a batch ``[B, D]`` (or ``[B, *dims]``) to a reservoir of at most
-    ``max_points`` points chosen by hash keys (uniform over distinct points, seeded, identical in
-    one process or across DDP processes); :meth:`compute` runs
+    ``max_points`` points chosen by hash keys (:func:`reservoir_keys`: uniform over distinct
+    points, seeded, identical in one process or across DDP processes); :meth:`compute` runs
     :func:`gapcallback.functional.dimension.intrinsic_dimension_estimate` on it. When
     ``max_points`` covers every point seen, the value equals the functional one on those points
     (up to their order, which does not matter for the deterministic methods).
@@ -101,23 +128,8 @@ class IntrinsicDimension(Metric):
         self.max_points = check_positive_int(max_points, "max_points", minimum=3)
         self.seed = check_positive_int(seed, "seed", minimum=0)
         self.last_estimate: Any = None
-        self._multipliers: Tensor | None = None
         self.add_state("points", default=[], dist_reduce_fx="cat")
         self.add_state("keys", default=[], dist_reduce_fx="cat")
-
-    def _hash_keys(self, x: Tensor) -> Tensor:
-        """63-bit keys from the bytes of each row of ``x`` ``[B, D]`` and the seed."""
-        bits = x.to(torch.float64).view(torch.int64).cpu()
-        d = bits.shape[1]
-        if self._multipliers is None or self._multipliers.numel() != d:
-            gen = torch.Generator().manual_seed(self.seed)
-            self._multipliers = torch.randint(1, 1 << 62, (d,), generator=gen) * 2 + 1
-        h = bits ^ (bits >> 31)
-        h = (h * self._multipliers).sum(dim=1)  # wraps modulo 2^64: a multilinear hash
-        for shift, mult in ((33, 0x62A9D9ED799705F5), (28, 0x4BE98134A5976FD3)):
-            h = (h ^ (h >> shift)) * mult
-        h = h ^ (h >> 32)
-        return (h & _MASK63).to(torch.int64)
 
     def update(self, x: Tensor) -> None:
         """Add a batch of points ``[B, D]`` (or ``[B, *dims]``) to the reservoir."""
@@ -128,7 +140,7 @@ class IntrinsicDimension(Metric):
                 f"`x` has {flat.shape[1]} features per point but earlier batches had "
                 f"{self.points[0].shape[1]}; every batch must describe points of the same space."
             )
-        keys = self._hash_keys(flat).to(flat.device)
+        keys = reservoir_keys(flat, self.seed).to(flat.device)
         points, keys = self._prune(torch.cat([*self.points, flat]), torch.cat([*self.keys, keys]))
         self.points = [points]
         self.keys = [keys]
