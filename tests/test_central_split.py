@@ -1,4 +1,4 @@
-"""The central-involution split of permutation groups (gapcallback.symmetry._central_split).
+"""The central-involution split of permutation groups (gapcallback.symmetry.central_split).
 
 Oracles: float64 brute force over the explicit orbit, the plain stacked-orbit search (same result
 bit for bit), and the closed-form character identity <e y, z> = sum_c chi_c(e) <y_c, z_c>.
@@ -11,12 +11,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gapcallback.symmetry._central_split as split_module
-import gapcallback.symmetry._search as search_module
 from gapcallback.functional import knn
 from gapcallback.symmetry import CyclicShifts, FiniteGroup
-from gapcallback.symmetry._central_split import central_split, compose, eigen_coordinates
-from gapcallback.symmetry._search import stacked_orbit_knn
+from gapcallback.symmetry.central_split import (
+    SPLIT_CACHE,
+    central_split,
+    compose,
+    eigen_coordinates,
+)
+from gapcallback.symmetry.orbit_search import stacked_orbit_knn
 
 GROUPS = {
     "flips-1d": (lambda: FiniteGroup.flips((-1,)), (12,)),
@@ -156,11 +159,8 @@ def test_transformed_duplicates_are_exactly_zero_far_from_the_origin():
     assert bool((res.sq_dists == 0).all()) and res.indices[:, 0].tolist() == list(range(20))
 
 
-def test_small_blocks_and_degenerate_ties_flush_pending_candidates(monkeypatch):
+def test_small_blocks_and_degenerate_ties_flush_pending_candidates():
     # Binary images: masses of exact ties, so candidate lists overflow and are re-checked early.
-    monkeypatch.setattr(split_module, "_DEFAULT_POINT_BLOCK", 16)
-    monkeypatch.setattr(split_module, "_PENDING_PER_ROW", 2)
-    monkeypatch.setattr(search_module, "_DEFAULT_QUERY_BLOCK", 7)
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 2, (70, 1, 4, 4), generator=g).double()
     q = torch.randint(0, 2, (30, 1, 4, 4), generator=g).double()
@@ -175,6 +175,9 @@ def test_small_blocks_and_degenerate_ties_flush_pending_candidates(monkeypatch):
             images(perms),
             8,
             perms,
+            query_block=7,
+            point_block=16,
+            pending_per_row=2,
         )
         want_d, _ = brute(queries, x, sym, k, exclude)
         torch.testing.assert_close(res.sq_dists, want_d, rtol=0, atol=0)
@@ -216,7 +219,9 @@ def test_factorisation_is_cached_by_value_not_by_address():
     assert again is first
     other = central_split(group_perms("rot90", (1, 6, 6)))  # same shape, other group
     assert other is not first and other.cosets.shape[0] * other.involutions.shape[0] == 4
-    for _ in range(split_module._CACHE_SIZE + 1):  # relabelled copies: the cache stays bounded
+    for _ in range(SPLIT_CACHE.maxsize + 1):  # relabelled copies: the cache stays bounded
         tau = torch.randperm(perms.shape[1])
         assert central_split(tau.argsort()[perms[:, tau]]) is not None
-    assert len(split_module._CACHE) <= split_module._CACHE_SIZE
+    assert len(SPLIT_CACHE) <= SPLIT_CACHE.maxsize
+    SPLIT_CACHE.clear()
+    assert len(SPLIT_CACHE) == 0 and central_split(perms) is not first  # factored anew

@@ -91,8 +91,12 @@ def test_quotient_helpers_contract():
     with pytest.raises(ValueError, match="order"):
         effective_sample_size(10, CyclicShifts())
     shifts = CyclicShifts()
-    assert shifts.order_on(torch.zeros(2, 3, 16)) == 16
-    assert effective_sample_size(10, shifts) == 160
+    signals = torch.zeros(2, 3, 16)
+    assert shifts.order_on(signals) == 16
+    assert shifts.order is None  # checking a shape never changes the object
+    assert effective_sample_size(10, shifts, points=signals) == 160
+    with pytest.raises(ValueError, match="points="):
+        effective_sample_size(10, shifts)
     assert Permutations().order_on(torch.zeros(2, 4, 3)) == 24
     assert FiniteGroup.dihedral().order_on(torch.zeros(2, 5, 5)) == 8
     assert RigidMotions().order_on(torch.zeros(2, 5, 3)) is None

@@ -22,7 +22,7 @@ import torch
 
 from gapcallback.functional import knn
 from gapcallback.symmetry import CyclicShifts, FiniteGroup, Permutations, RigidMotions
-from gapcallback.symmetry._central_split import central_split
+from gapcallback.symmetry.central_split import central_split
 
 
 def _search_label(sym, x: torch.Tensor) -> tuple[str, int | None]:

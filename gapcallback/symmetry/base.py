@@ -17,14 +17,15 @@ gap law (see :mod:`gapcallback.symmetry.quotient`):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from gapcallback.functional.nearest_neighbours import KNNResult
+    from gapcallback.search import KNNResult
 
-__all__ = ["Symmetry"]
+__all__ = ["Symmetry", "point_dims"]
 
 
 class Symmetry(ABC):
@@ -78,3 +79,24 @@ class Symmetry(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def point_dims(dims: Sequence[int], name: str) -> tuple[int, ...]:
+    """Validate per-point axes and return them as negative indices (counted from the end)."""
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, Sequence) or not dims:
+        raise TypeError(f"`{name}` must be a non-empty tuple of ints, got {dims!r}.")
+    out = []
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"`{name}` must hold ints, got {d!r}.")
+        if d >= 0:
+            raise ValueError(
+                f"`{name}` indexes the per-point shape from the end and must be negative (-1 is the "
+                f"last axis), got {d}; e.g. (-2, -1) for the height and width of [N, C, H, W] images."
+            )
+        out.append(d)
+    if len(set(out)) != len(out):
+        raise ValueError(f"`{name}` has repeated axes: {tuple(dims)}.")
+    return tuple(out)

@@ -17,9 +17,9 @@ Two exact searches, chosen by a cost model (``method="auto"``) or by hand:
 * ``"gemm"``: the shifts form a group, so :math:`\min_s \lVert y - \operatorname{roll}(z, s)\rVert =
   \min_s \lVert \operatorname{roll}(y, s) - z\rVert` and the stacked query orbit (all
   :math:`\prod S` shifted copies) is searched against the points in one exact blocked-GEMM search
-  (:func:`gapcallback.symmetry._search.stacked_orbit_knn`, exact float64 re-check by direct
+  (:func:`gapcallback.symmetry.orbit_search.stacked_orbit_knn`, exact float64 re-check by direct
   difference). Each axis of even size :math:`n` adds a central involution (the half shift by
-  :math:`n/2`), and :mod:`gapcallback.symmetry._central_split` screens the :math:`2^r` images of
+  :math:`n/2`), and :mod:`gapcallback.symmetry.central_split` screens the :math:`2^r` images of
   such a subgroup with one GEMM of length :math:`D`: cost per pair :math:`\propto |G| D / 2^r`, at
   GEMM speed, about :math:`|G| / 2^r` plain searches.
 * ``"fft"``: an FFT screen of all pairs, cost per pair :math:`O(C F + S \log S)` with :math:`F` the
@@ -48,11 +48,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gapcallback.functional.nearest_neighbours import KNNResult, ldexp, screen_exponent
-from gapcallback.symmetry._central_split import MAX_INVOLUTIONS, MIN_WIDTH
-from gapcallback.symmetry._search import bounded_search, stacked_orbit_knn
-from gapcallback.symmetry.base import Symmetry
-from gapcallback.symmetry.finite_group import _point_dims
+from gapcallback.search import KNNResult, ldexp, screen_exponent
+from gapcallback.symmetry.base import Symmetry, point_dims
+from gapcallback.symmetry.central_split import MAX_INVOLUTIONS, MIN_WIDTH
+from gapcallback.symmetry.orbit_search import bounded_search, stacked_orbit_knn
 from gapcallback.utils.checks import compute_dtype
 from gapcallback.utils.precision import full_precision
 
@@ -74,7 +73,8 @@ class CyclicShifts(Symmetry):
 
     Attributes:
         dimension: 0 (the shifts of a discrete signal form a finite group).
-        order: number of shifts :math:`\prod_d S_d`, known once a shape is seen (``None`` before).
+        order: ``None``: the number of shifts :math:`\prod_d S_d` depends on the point shape; read
+            it with :meth:`order_on` (checking a shape never changes the object).
 
     Example:
         >>> import torch
@@ -88,15 +88,15 @@ class CyclicShifts(Symmetry):
     def __init__(
         self, dims: Sequence[int] = (-1,), *, method: Literal["auto", "gemm", "fft"] = "auto"
     ):
-        self.dims = _point_dims(dims, "dims")
+        self.dims = point_dims(dims, "dims")
         if method not in ("auto", "gemm", "fft"):
             raise ValueError(f"`method` must be 'auto', 'gemm' or 'fft', got {method!r}.")
         self.method = method
-        self._order: int | None = None
 
-    @property
-    def order(self) -> int | None:  # type: ignore[override]
-        return self._order
+    def order_on(self, x: Tensor) -> int:
+        r"""Number of shifts :math:`\prod_d S_d` of points shaped like ``x`` ``[N, *shape]``."""
+        self.check_shape(x, "x")
+        return math.prod(int(x.shape[d]) for d in self.dims)
 
     def check_shape(self, x: Tensor, name: str) -> None:
         need = max(-d for d in self.dims)
@@ -106,7 +106,6 @@ class CyclicShifts(Symmetry):
                 f"`{name}` has points of shape {tuple(x.shape[1:])} ({x.ndim - 1} axes). Pass "
                 f"[N, L] signals for dims=(-1,) or [N, C, H, W] images for dims=(-2, -1)."
             )
-        self._order = math.prod(int(x.shape[d]) for d in self.dims)
 
     def _layout(self, x: Tensor) -> Tensor:
         """``[N, C, *S]``: shifted axes last, every other per-point axis flattened into C."""

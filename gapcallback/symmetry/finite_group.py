@@ -5,14 +5,14 @@ r"""Finite groups of isometries given as a list of transforms (flips, 90-degree 
 Search: because :math:`G` is a group of isometries,
 :math:`\min_g \lVert y - g z\rVert = \min_g \lVert g y - z\rVert`, so the queries' orbit
 :math:`[g_1 Q; \dots; g_{|G|} Q]` is stacked and searched against the untouched points in *one*
-exact blocked-GEMM search (:func:`gapcallback.symmetry._search.stacked_orbit_knn`), then the minimum
+exact blocked-GEMM search (:func:`gapcallback.symmetry.orbit_search.stacked_orbit_knn`), then the minimum
 over :math:`g` is taken per point index and the k smallest distinct indices kept. The points'
 centring, norms and exact re-check are shared by all elements, so the cost is at most about
 :math:`|G|` plain searches (the GEMM work of the stacked search is exactly :math:`|G|` times the plain
 one); memory: one chunk of the stacked query orbit (32 MiB), never :math:`N \times M \times |G|`.
 When every transform permutes the entries of a point (:meth:`FiniteGroup.coordinate_permutations`)
 and the group has central involutions (the flip, the rotation by 180 degrees), each GEMM of length
-:math:`D` screens :math:`2^r` group elements at once (:mod:`gapcallback.symmetry._central_split`):
+:math:`D` screens :math:`2^r` group elements at once (:mod:`gapcallback.symmetry.central_split`):
 measured 0.62-0.82 :math:`|G|` plain searches for flips, rotations and the dihedral group
 (``benchmarks/symmetry/results.md``).
 
@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from gapcallback.functional.nearest_neighbours import KNNResult, exact_knn
-from gapcallback.symmetry._search import merge_topk, stacked_orbit_knn
-from gapcallback.symmetry.base import Symmetry
+from gapcallback.search import KNNResult, exact_search, merge_distinct
+from gapcallback.symmetry.base import Symmetry, point_dims
+from gapcallback.symmetry.orbit_search import stacked_orbit_knn
 
 __all__ = ["FiniteGroup"]
 
@@ -100,7 +100,7 @@ class FiniteGroup(Symmetry):
 
         ``dims`` index the per-point shape from the end (``-1``: last axis).
         """
-        dims = _point_dims(dims, "dims")
+        dims = point_dims(dims, "dims")
         transforms: list[Transform] = []
         names: list[str] = []
         for mask in range(1, 2 ** len(dims)):
@@ -112,7 +112,7 @@ class FiniteGroup(Symmetry):
     @classmethod
     def rotations90(cls, dims: Sequence[int] = (-2, -1)) -> FiniteGroup:
         """Rotations by 0, 90, 180, 270 degrees in the plane ``dims`` (square images), order 4."""
-        dims = _point_dims(dims, "dims")
+        dims = point_dims(dims, "dims")
         if len(dims) != 2:
             raise ValueError(f"`dims` must name two axes (the image plane), got {dims}.")
         transforms: list[Transform] = [lambda x, r=r: torch.rot90(x, r, dims) for r in (1, 2, 3)]
@@ -121,7 +121,7 @@ class FiniteGroup(Symmetry):
     @classmethod
     def dihedral(cls, dims: Sequence[int] = (-2, -1)) -> FiniteGroup:
         """The dihedral group of the square in the plane ``dims``: 4 rotations x reflection, order 8."""
-        dims = _point_dims(dims, "dims")
+        dims = point_dims(dims, "dims")
         if len(dims) != 2:
             raise ValueError(f"`dims` must name two axes (the image plane), got {dims}.")
         transforms: list[Transform] = []
@@ -289,31 +289,12 @@ def knn_over_images(
             first = moved
             best_d = torch.full((n, k), float("inf"), dtype=torch.float64, device=moved.device)
             best_i = torch.full((n, k), -1, dtype=torch.long, device=moved.device)
-        res = exact_knn(queries, moved, k, exclude_self=exclude_self)
+        res = exact_search(
+            queries.reshape(n, -1), moved.reshape(moved.shape[0], -1), k, exclude_self=exclude_self
+        )
         rows = torch.arange(n, device=moved.device).repeat_interleave(k)
-        best_d, best_i = merge_topk(
+        best_d, best_i = merge_distinct(
             best_d, best_i, rows, res.sq_dists.reshape(-1), res.indices.reshape(-1)
         )
     assert best_d is not None and best_i is not None
     return KNNResult(best_d, best_i)
-
-
-def _point_dims(dims: Sequence[int], name: str) -> tuple[int, ...]:
-    """Validate per-point axes and return them as negative indices (counted from the end)."""
-    if isinstance(dims, int):
-        dims = (dims,)
-    if not isinstance(dims, Sequence) or not dims:
-        raise TypeError(f"`{name}` must be a non-empty tuple of ints, got {dims!r}.")
-    out = []
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, int):
-            raise TypeError(f"`{name}` must hold ints, got {d!r}.")
-        if d >= 0:
-            raise ValueError(
-                f"`{name}` indexes the per-point shape from the end and must be negative (-1 is the "
-                f"last axis), got {d}; e.g. (-2, -1) for the height and width of [N, C, H, W] images."
-            )
-        out.append(d)
-    if len(set(out)) != len(out):
-        raise ValueError(f"`{name}` has repeated axes: {tuple(dims)}.")
-    return tuple(out)

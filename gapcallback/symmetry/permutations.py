@@ -6,7 +6,7 @@ For sets :math:`Y, Z` of :math:`n` elements with features in :math:`\mathbb R^f`
 
 a linear assignment problem solved exactly by :func:`scipy.optimize.linear_sum_assignment` on the
 cost matrix :math:`C_{ij} = \lVert y_i - z_j \rVert^2` (computed by direct difference in float64, so
-permuted duplicates give exactly 0). ``order`` :math:`= n!`, ``dimension`` 0.
+permuted duplicates give exactly 0). ``order_on(x)`` :math:`= n!`, ``dimension`` 0.
 
 Cost: one :math:`O(n^3)` assignment per *evaluated* pair. Pairs are screened with the lower bound
 :math:`\max(\sum_i \min_j C_{ij}, \sum_j \min_i C_{ij})` and the upper bound of the identity matching,
@@ -35,9 +35,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from gapcallback.functional.nearest_neighbours import KNNResult
-from gapcallback.symmetry._search import bounded_search
+from gapcallback.search import KNNResult
 from gapcallback.symmetry.base import Symmetry
+from gapcallback.symmetry.orbit_search import bounded_search
 from gapcallback.symmetry.rigid_motions import RigidMotions
 from gapcallback.utils.precision import full_precision
 
@@ -56,7 +56,7 @@ class Permutations(Symmetry):
 
     Attributes:
         dimension: 0, or ``rigid.dimension`` when composed.
-        order: :math:`n!` once a shape is seen, ``None`` when composed with rigid motions.
+        order: ``None`` (it depends on the set size): read :math:`n!` with :meth:`order_on`.
         exact: ``True`` for pure permutations, ``False`` when composed (upper bound).
 
     Example:
@@ -75,7 +75,6 @@ class Permutations(Symmetry):
             raise ValueError(f"`max_iter` must be a positive int, got {max_iter!r}.")
         self.rigid = rigid
         self.max_iter = max_iter
-        self._n: int | None = None
 
     @property
     def exact(self) -> bool:
@@ -85,11 +84,12 @@ class Permutations(Symmetry):
     def dimension(self) -> int:  # type: ignore[override]
         return 0 if self.rigid is None else self.rigid.dimension
 
-    @property
-    def order(self) -> int | None:  # type: ignore[override]
-        if self.rigid is not None or self._n is None:
-            return None
-        return math.factorial(self._n)
+    def order_on(self, x: Tensor) -> int | None:
+        """:math:`n!` for sets of ``n`` elements shaped like ``x`` ``[N, n, F]`` (``None`` with
+        ``rigid``: the group is then continuous). :attr:`order` itself is ``None``: it depends on
+        the set size, and checking a shape never changes the object."""
+        self.check_shape(x, "x")
+        return None if self.rigid is not None else math.factorial(int(x.shape[1]))
 
     def check_shape(self, x: Tensor, name: str) -> None:
         if x.ndim != 3:
@@ -99,7 +99,6 @@ class Permutations(Symmetry):
             )
         if self.rigid is not None:
             self.rigid.check_shape(x, name)
-        self._n = int(x.shape[1])
 
     def orbit(self, x: Tensor) -> Tensor:
         if self.rigid is not None:

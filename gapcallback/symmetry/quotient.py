@@ -60,7 +60,9 @@ def quotient_dimension(d: float | Tensor, symmetry: Symmetry | None) -> float | 
     return d - dim_g
 
 
-def effective_sample_size(n: int | float, symmetry: Symmetry | None) -> float:
+def effective_sample_size(
+    n: int | float, symmetry: Symmetry | None, points: Tensor | None = None
+) -> float:
     r"""Number of orbit points standing for ``n`` training points: :math:`|G|\,n` for finite ``G``.
 
     For a finite group acting freely, :math:`R^G_n \approx R_{|G| n}` asymptotically, so the plain
@@ -68,16 +70,21 @@ def effective_sample_size(n: int | float, symmetry: Symmetry | None) -> float:
     Continuous groups change the dimension instead (see :func:`quotient_dimension`); they return
     ``n``.
 
+    Args:
+        n: number of training points.
+        symmetry: the group, or ``None``.
+        points: ``[N, *shape]`` points (one is enough) for groups whose order depends on the point
+            shape (``CyclicShifts``, ``Permutations``: :meth:`~Symmetry.order_on`).
+
     Raises:
-        ValueError: a finite group whose order is not known yet (``CyclicShifts`` and
-            ``Permutations`` learn it from the first input they see).
+        ValueError: a finite group whose order depends on the point shape, without ``points``.
     """
     if symmetry is None or symmetry.dimension > 0:
         return float(n)
-    order = symmetry.order
+    order = symmetry.order if points is None else symmetry.order_on(points)
     if order is None:
         raise ValueError(
-            f"{symmetry!r} does not know its order yet (it depends on the point shape); call it on"
-            " data first (e.g. `symmetry.order_on(x)`)."
+            f"the order of {symmetry!r} depends on the point shape; pass `points=` (the points, or"
+            " one of them as a [1, *shape] tensor)."
         )
     return float(n) * order

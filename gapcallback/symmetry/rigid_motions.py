@@ -27,9 +27,9 @@ import math
 import torch
 from torch import Tensor
 
-from gapcallback.functional.nearest_neighbours import KNNResult
-from gapcallback.symmetry._search import bounded_search
+from gapcallback.search import KNNResult
 from gapcallback.symmetry.base import Symmetry
+from gapcallback.symmetry.orbit_search import bounded_search
 from gapcallback.utils.precision import full_precision
 
 __all__ = ["RigidMotions", "kabsch"]

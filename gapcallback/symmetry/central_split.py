@@ -15,7 +15,7 @@ point cost *one* GEMM of total length :math:`D` (:math:`2^r` thin GEMMs) plus a 
 combination per entry, instead of :math:`2^r` GEMMs of length :math:`D`. Since :math:`E` is central,
 :math:`G = H E` for coset representatives :math:`H`, and
 :math:`\min_g \lVert g y - z\rVert = \min_{h \in H} \min_{e \in E} \lVert e\,(h y) - z\rVert`: the
-stacked orbit of :func:`gapcallback.symmetry._search.stacked_orbit_knn` shrinks from :math:`|G|` to
+stacked orbit of :func:`gapcallback.symmetry.orbit_search.stacked_orbit_knn` shrinks from :math:`|G|` to
 :math:`|H| = |G| / 2^r` rows per query, each screened by the :math:`E`-orbit distance
 
 .. math:: \min_{e \in E} \lVert e\,b - x\rVert^2 - \lVert b\rVert^2
@@ -39,7 +39,7 @@ product per character (:math:`\sum_c \sum_t w_t |U_c(b)_t U_c(x)_t| \le \lVert b
 x\rVert` by Cauchy-Schwarz and Parseval), of the norms (Parseval sums) and of the :math:`r` butterfly
 stages; in all below :math:`(2D + 16 + 4 \cdot 4^r)\,\varepsilon\,(\lVert b\rVert^2 + \max_j \lVert
 x_j\rVert^2)`, half the slack used. With it the candidate selection of
-:func:`gapcallback.functional.nearest_neighbours._block_candidates` keeps every true neighbour, and the candidates
+:func:`gapcallback.search.tile_candidates` keeps every true neighbour, and the candidates
 are re-checked by direct differences of all :math:`2^r` images in float64: the result equals the
 plain stacked search (tested against it and against a float64 brute force).
 """
@@ -51,17 +51,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gapcallback.functional.nearest_neighbours import (
-    _DEFAULT_POINT_BLOCK,
-    _DEFAULT_QUERY_BLOCK,
-    _PENDING_PER_ROW,
-    _RECHECK_ELEMENTS,
-    _block_candidates,
-    _exact_dtype,
-    _merge_topk,
-    _surviving,
+from gapcallback.search import (
+    DEFAULT_POINT_BLOCK,
+    DEFAULT_QUERY_BLOCK,
+    PENDING_PER_ROW,
+    RECHECK_ELEMENTS,
+    RowBlock,
+    blocked_search,
     centred_magnitude,
     check_underflow,
+    exact_dtype,
     ldexp,
     screen_exponent,
 )
@@ -111,27 +110,58 @@ def compose(p_g: Tensor, p_h: Tensor) -> Tensor:
     return p_h[p_g]
 
 
-#: Factorisations kept by :func:`central_split`: (device, shape, hash) -> (perms, split).
-_CACHE_SIZE = 16
-_CACHE: dict[tuple, tuple[Tensor, CentralSplit | None]] = {}
+class SplitCache:
+    """A bounded cache of factorisations, keyed by the permutations' values (never by address).
+
+    The factorisation costs :math:`O(|G|^2 D)` comparisons, so :func:`central_split` keeps the last
+    ``maxsize`` results: a search repeated on points of one shape (every evaluation of a callback)
+    factors its group once. The oldest entry is dropped first. :meth:`clear` empties it.
+    """
+
+    def __init__(self, maxsize: int = 16) -> None:
+        self.maxsize = maxsize
+        self._entries: dict[tuple, tuple[Tensor, CentralSplit | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Drop every cached factorisation."""
+        self._entries.clear()
+
+    def get(self, perms: Tensor) -> tuple[bool, CentralSplit | None]:
+        """``(hit, split)`` for ``perms`` ``[|G|, D]``: compared entry by entry on a hash match."""
+        entry = self._entries.get(self._key(perms))
+        if entry is not None and torch.equal(entry[0], perms):
+            return True, entry[1]
+        return False, None
+
+    def put(self, perms: Tensor, split: CentralSplit | None) -> None:
+        """Store the factorisation of ``perms``, dropping the oldest entry when full."""
+        if len(self._entries) >= self.maxsize:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[self._key(perms)] = (perms.clone(), split)
+
+    @staticmethod
+    def _key(perms: Tensor) -> tuple:
+        return (perms.device, tuple(perms.shape), hash(perms.cpu().numpy().tobytes()))
+
+
+SPLIT_CACHE = SplitCache(maxsize=16)
+"""The factorisations :func:`central_split` keeps (bounded; ``SPLIT_CACHE.clear()`` empties it)."""
 
 
 def central_split(perms: Tensor) -> CentralSplit | None:
     """Factor the permutation group ``perms`` ``[|G|, D]`` (a group, identity included) by a maximal
     elementary abelian 2-subgroup of central involutions, or ``None`` when it has none.
 
-    The factorisation costs :math:`O(|G|^2 D)` comparisons, so the last :data:`_CACHE_SIZE` results
-    are kept, keyed by the permutations themselves (compared entry by entry, never by address): a
-    search repeated on points of one shape (every evaluation of a callback) factors its group once.
+    Results are kept in :data:`SPLIT_CACHE` (bounded, keyed by the permutations' values).
     """
-    key = (perms.device, tuple(perms.shape), hash(perms.cpu().numpy().tobytes()))
-    hit = _CACHE.get(key)
-    if hit is not None and torch.equal(hit[0], perms):
-        return hit[1]
+    hit, split = SPLIT_CACHE.get(perms)
+    if hit:
+        return split
     split = _factor(perms)
-    if len(_CACHE) >= _CACHE_SIZE:
-        _CACHE.pop(next(iter(_CACHE)))  # the oldest entry
-    _CACHE[key] = (perms.clone(), split)
+    SPLIT_CACHE.put(perms, split)
     return split
 
 
@@ -225,6 +255,39 @@ def eigen_coordinates(z: Tensor, split: CentralSplit, coset: Tensor | None = Non
     return out
 
 
+class _SplitProduct:
+    r"""The eigenspace screen of :func:`split_orbit_knn` as a :class:`~gapcallback.search.Product`.
+
+    Rows are coset images, coset-major: row ``h * N + i`` is :math:`h\,y_i`.
+    """
+
+    def __init__(self, q, centre, exponent, split, weights, x_ops, x_norm_max, slack_factor,
+                 screen, buffer_size):  # fmt: skip
+        self.q, self.centre, self.exponent = q, centre, exponent
+        self.split, self.weights, self.x_ops = split, weights, x_ops
+        self.x_norm_max, self.slack_factor, self.screen = x_norm_max, slack_factor, screen
+        self.buffer = torch.empty(buffer_size, dtype=screen, device=q.device)
+
+    def rows(self, start: int, end: int) -> RowBlock:
+        n = self.q.shape[0]
+        h, qs = divmod(start, n)
+        qw = ldexp(self.q[qs : qs + end - start], self.exponent) - ldexp(self.centre, self.exponent)
+        # Coset image h y as eigenspace coordinates (never materialised).
+        ub = eigen_coordinates(qw, self.split, self.split.cosets[h])  # [B, D + 1]
+        b_norms = (ub.square() * self.weights).sum(dim=1)
+        slack = (self.slack_factor * (b_norms + self.x_norm_max)).to(self.screen)
+        ub = ub.to(self.screen)
+        return RowBlock([ub[:, a:b] for a, b in self.split.sections], slack)
+
+    def block(self, rows: RowBlock, start: int, end: int) -> Tensor:
+        n_e = len(self.x_ops)
+        n_rows = rows.operands[0].shape[0]
+        tiles = self.buffer[: n_e * n_rows * (end - start)].view(n_e, n_rows, end - start)
+        for c in range(n_e):
+            torch.mm(rows.operands[c], self.x_ops[c][start:end].T, out=tiles[c])
+        return _min_over_involutions(tiles)
+
+
 @torch.no_grad()
 def split_orbit_knn(
     queries: Tensor,
@@ -232,6 +295,9 @@ def split_orbit_knn(
     k_search: int,
     split: CentralSplit,
     chunk: int,
+    *,
+    point_block: int | None = None,
+    pending_per_row: int = PENDING_PER_ROW,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-``k_search`` over points of each coset image ``h y`` in :math:`E`-orbit distance.
 
@@ -240,6 +306,8 @@ def split_orbit_knn(
         k_search: neighbours per coset image (``<= M``).
         split: from :func:`central_split`.
         chunk: queries per chunk (the coset images of a chunk are screened together).
+        point_block: points per block (default: the plain search's, divided by ``2^(r-1)``).
+        pending_per_row: candidates buffered per row before a re-check.
 
     Returns:
         ``(d [N, |H| * k_search], i [N, |H| * k_search])``: exact squared distances (float64; float32
@@ -247,7 +315,7 @@ def split_orbit_knn(
     """
     dtype = compute_dtype(queries, points)
     device = points.device
-    exact_dtype = _exact_dtype(device, dtype)
+    exact = exact_dtype(device, dtype)
     n, dim = queries.shape
     m = points.shape[0]
     n_e = split.involutions.shape[0]
@@ -259,10 +327,10 @@ def split_orbit_knn(
         x = points.to(dtype)
         # A G-invariant centre: g (z - c) = g z - c for every g, so the coset images of centred
         # queries are centred too.
-        centre = (x.sum(dim=0, dtype=exact_dtype) / m).to(dtype)
+        centre = (x.sum(dim=0, dtype=exact) / m).to(dtype)
         centre = centre[elements.reshape(-1, dim)].mean(dim=0)  # averaged over the group
         # Screen on data scaled by a power of two when its centred magnitudes are extreme (exact;
-        # see gapcallback.functional.nearest_neighbours), so that the screen neither overflows nor underflows.
+        # see gapcallback.search.ranges), so that the screen neither overflows nor underflows.
         exponent = screen_exponent(centred_magnitude(x, centre), centred_magnitude(q, centre))
         # Eigenspace coordinates in the input's precision (float64 inputs: float64, then rounded).
         weights = split.weights.to(device=device, dtype=dtype)
@@ -275,55 +343,43 @@ def split_orbit_knn(
         ux.mul_(-2.0 * weights)
         ux[:, split.augmented] = x_norms
         x_ops = [ux[:, a:b].to(screen) for a, b in split.sections]  # [M, D_c]
-        x_norm_max = float(x_norms.max())
         slack_factor = 2.0 * (2 * dim + 16 + 4 * n_e**2) * torch.finfo(screen).eps
-        point_block = max(1, _DEFAULT_POINT_BLOCK // max(1, n_e // 2))
-        chunk = max(1, min(chunk, _DEFAULT_QUERY_BLOCK, n))
-        buffer = torch.empty(n_e * chunk * min(point_block, m), dtype=screen, device=device)
-        out_d = torch.empty(n, n_h, k_search, dtype=exact_dtype, device=device)
-        out_i = torch.empty(n, n_h, k_search, dtype=torch.long, device=device)
-        for qs in range(0, n, chunk):
-            qe = min(qs + chunk, n)
-            rows = qe - qs
-            qw = ldexp(q[qs:qe], exponent) - ldexp(centre, exponent)
-            for h in range(n_h):
-                # Coset image h y as eigenspace coordinates (never materialised).
-                ub = eigen_coordinates(qw, split, split.cosets[h])  # [B, D + 1]
-                b_norms = (ub.square() * weights).sum(dim=1)
-                slack = (slack_factor * (b_norms + x_norm_max)).to(screen)
-                ub = ub.to(screen)
-                q_ops = [ub[:, a:b] for a, b in split.sections]  # [B, D_c]
-                best_d = torch.full(
-                    (rows, k_search), float("inf"), dtype=exact_dtype, device=device
-                )
-                best_i = torch.full((rows, k_search), -1, dtype=torch.long, device=device)
-                running = torch.full((rows, k_search), float("inf"), dtype=screen, device=device)
-                pending: list[tuple[Tensor, Tensor, Tensor]] = []
-                n_pending = 0
-                for ps in range(0, m, point_block):
-                    pe = min(ps + point_block, m)
-                    tiles = buffer[: n_e * rows * (pe - ps)].view(n_e, rows, pe - ps)
-                    for c in range(n_e):
-                        torch.mm(q_ops[c], x_ops[c][ps:pe].T, out=tiles[c])
-                    approx = _min_over_involutions(tiles)
-                    running, cand_r, cand_c, cand_v = _block_candidates(approx, running, slack)
-                    if cand_r.numel() == 0:
-                        continue
-                    pending.append((cand_r, cand_c + ps, cand_v))
-                    n_pending += cand_r.numel()
-                    if n_pending > _PENDING_PER_ROW * rows:  # bound memory on degenerate data
-                        bound = running.amax(dim=1) + slack
-                        best_d, best_i = _recheck_orbit(
-                            q[qs:qe], x, pending, bound, best_d, best_i, elements[h]
-                        )
-                        pending, n_pending = [], 0
-                bound = running.amax(dim=1) + slack
-                best_d, best_i = _recheck_orbit(
-                    q[qs:qe], x, pending, bound, best_d, best_i, elements[h]
-                )
-                out_d[qs:qe, h] = best_d
-                out_i[qs:qe, h] = best_i
-    return out_d.view(n, -1), out_i.view(n, -1)
+        if point_block is None:
+            point_block = max(1, DEFAULT_POINT_BLOCK // max(1, n_e // 2))
+        chunk = max(1, min(chunk, DEFAULT_QUERY_BLOCK, n))
+        product = _SplitProduct(
+            q, centre, exponent, split, weights, x_ops, float(x_norms.max()), slack_factor,
+            screen, n_e * chunk * min(point_block, m),
+        )  # fmt: skip
+        flat = elements.reshape(n_h, -1)  # [|H|, 2^r * D]
+
+        def recheck(rows: Tensor, cols: Tensor) -> Tensor:
+            r"""Exact :math:`\min_e \lVert h e\, y_i - x_c\rVert^2` of rows ``h * N + i``."""
+            out = torch.empty(rows.shape[0], dtype=exact, device=device)
+            step = max(1, RECHECK_ELEMENTS // max(1, n_e * dim))
+            for s in range(0, rows.shape[0], step):
+                e = min(s + step, rows.shape[0])
+                h, i = rows[s:e] // n, rows[s:e] % n
+                imgs = q[i].to(exact).gather(1, flat[h]).view(e - s, n_e, dim)
+                diff = imgs - x[cols[s:e]].to(exact)[:, None, :]
+                sq = diff.square().sum(dim=2)
+                if q.dtype == exact:  # no wider dtype: the squares can underflow
+                    check_underflow(sq, diff)
+                out[s:e] = sq.amin(dim=1)
+            return out
+
+        row_blocks = [
+            (h * n + qs, h * n + min(qs + chunk, n))
+            for qs in range(0, n, chunk)
+            for h in range(n_h)
+        ]
+        best = blocked_search(
+            product, recheck, n_h * n, m, k_search, row_blocks=row_blocks, col_block=point_block,
+            dtype=exact, device=device, pending_per_row=pending_per_row,
+        )  # fmt: skip
+    d = best.dists.view(n_h, n, k_search).permute(1, 0, 2).reshape(n, -1)
+    i = best.indices.view(n_h, n, k_search).permute(1, 0, 2).reshape(n, -1)
+    return d, i
 
 
 def _min_over_involutions(tiles: Tensor) -> Tensor:
@@ -345,37 +401,3 @@ def _min_over_involutions(tiles: Tensor) -> Tensor:
     for j in range(1, h):
         torch.minimum(out, lo[j], out=out)
     return out
-
-
-def _recheck_orbit(
-    y: Tensor,
-    x: Tensor,
-    pending: list[tuple[Tensor, Tensor, Tensor]],
-    bound: Tensor,
-    best_d: Tensor,
-    best_i: Tensor,
-    elements: Tensor,
-) -> tuple[Tensor, Tensor]:
-    r"""Exact :math:`\min_{e} \lVert h e\, y_r - x_c\rVert^2` of the pending ``(row, col, value)``
-    candidates by direct differences in ``best_d``'s dtype, merged into the per-row top-k.
-
-    ``elements`` ``[2^r, D]`` are the permutations of ``h e`` for one coset ``h``. Candidates above
-    ``bound`` (the current k-th bound plus slack, per row) are dropped first.
-    """
-    if not pending:
-        return best_d, best_i
-    rows, cols = _surviving(pending, bound)
-    dists = torch.empty(rows.shape[0], dtype=best_d.dtype, device=y.device)
-    n_e, dim = elements.shape
-    flat = elements.reshape(-1)
-    step = max(1, _RECHECK_ELEMENTS // max(1, n_e * dim))
-    for s in range(0, rows.shape[0], step):
-        e = min(s + step, rows.shape[0])
-        yr = y[rows[s:e]].to(best_d.dtype)
-        imgs = yr.gather(1, flat.expand(e - s, -1)).view(e - s, n_e, dim)
-        diff = imgs - x[cols[s:e]].to(best_d.dtype)[:, None, :]
-        sq = diff.square().sum(dim=2)
-        if y.dtype == best_d.dtype:  # no wider dtype: the squares can underflow
-            check_underflow(sq, diff)
-        dists[s:e] = sq.amin(dim=1)
-    return _merge_topk(best_d, best_i, rows, dists, cols, best_d.shape[1])

@@ -1,0 +1,139 @@
+r"""Candidate selection from one screened block: which pairs may be among the k nearest.
+
+Two kinds of screen feed the driver (:mod:`gapcallback.search.driver`):
+
+* :func:`tile_candidates`: approximate values :math:`a_{ij}` with one rounding bound per row
+  (``slack``), as a GEMM or eigenspace screen gives. ``running`` ``[rows, k]`` carries upper bounds
+  of the k smallest values seen so far; an entry is a candidate when
+  :math:`a_{ij} \le \mathrm{running}_{i,k} + \mathrm{slack}_i`. Only tiles of :data:`TILE` columns
+  whose minimum passes are inspected, so the block is read once (the tile minima) plus a few tiles
+  per row.
+* :func:`bound_candidates`: a lower and an upper bound per pair (an FFT estimate plus or minus its
+  error, a relaxation and a feasible alignment). ``running`` carries the k smallest upper bounds; a
+  pair is a candidate when its lower bound is at most the k-th.
+
+Both return the updated ``running`` and flat ``(row, column, key)`` candidates whose ``key`` (value
+or lower bound) lets a later, tighter bound drop them before the exact re-check (:func:`surviving`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["TILE", "Candidates", "bound_candidates", "k_smallest", "surviving", "tile_candidates"]
+
+TILE = 64
+"""Columns per tile whose minimum screens for candidates."""
+
+Candidates = tuple[Tensor, Tensor, Tensor]
+"""Flat ``(rows, cols, keys)`` of one block's candidates (rows and cols local to the block)."""
+
+
+def tile_candidates(
+    approx: Tensor, running: Tensor, slack: Tensor, transposed: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Candidates of one block of expanded distances.
+
+    The block is ``approx`` ``[rows, width]``, or with ``transposed=True`` its columns,
+    ``approx.T`` ``[width, rows]`` (never materialised: the other half of a symmetric
+    self-search reads the same product).
+
+    ``running`` ``[rows, k]`` holds upper bounds of the k smallest entries seen so far (minima of
+    distinct tiles of :data:`TILE` columns, so the k-th is >= the true k-th smallest entry; the
+    exact entries when k is large relative to the number of tiles). An entry is a candidate when it
+    is within ``slack`` ``[rows]`` of the k-th bound.
+
+    Returns the updated ``running``, and the flat ``(row, column)`` indices and values of the
+    block's candidates.
+    """
+    rows, width = approx.shape[::-1] if transposed else approx.shape
+    n_full = width // TILE
+    full_tiles = (
+        approx[: n_full * TILE].view(n_full, TILE, rows)
+        if transposed
+        else approx[:, : n_full * TILE].view(rows, n_full, TILE)
+    )
+    parts = []
+    if n_full:
+        parts.append(full_tiles.amin(dim=1).T if transposed else full_tiles.amin(dim=2))
+    if width > n_full * TILE:
+        rest = approx[n_full * TILE :].T if transposed else approx[:, n_full * TILE :]
+        parts.append(rest.amin(dim=1, keepdim=True))
+    tile_min = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    k = running.shape[1]
+    if k == 1:
+        running = torch.minimum(running, tile_min.amin(dim=1, keepdim=True))
+    elif 4 * k <= tile_min.shape[1]:
+        # Few neighbours relative to the tiles: the k-th smallest tile minimum is a tight bound.
+        running = k_smallest(torch.cat([running, tile_min], dim=1), k)
+    else:
+        # Many neighbours: tile minima would give a loose bound; take the block's exact top-k.
+        block_best = k_smallest(approx.T if transposed else approx, min(k, width))
+        running = k_smallest(torch.cat([running, block_best], dim=1), k)
+    # Finite, so that masked entries (+inf: a point's own index) are never candidates.
+    threshold = (running.amax(dim=1) + slack).clamp_max(torch.finfo(approx.dtype).max)
+    hit_r, hit_t = (tile_min <= threshold[:, None]).nonzero(as_tuple=True)
+    cand_r, cand_c, cand_v = [], [], []
+    if n_full:
+        # Whole tiles are gathered as rows of TILE (contiguous unless transposed).
+        full = hit_t < n_full
+        fr, ft = hit_r[full], hit_t[full]
+        values = full_tiles[ft, :, fr] if transposed else full_tiles[fr, ft]
+        kr, kc = (values <= threshold[fr, None]).nonzero(as_tuple=True)
+        cand_r.append(fr[kr])
+        cand_c.append(ft[kr] * TILE + kc)
+        cand_v.append(values[kr, kc])
+    if width > n_full * TILE:
+        pr = hit_r[hit_t == n_full]
+        values = approx[n_full * TILE :, pr].T if transposed else approx[pr, n_full * TILE :]
+        kr, kc = (values <= threshold[pr, None]).nonzero(as_tuple=True)
+        cand_r.append(pr[kr])
+        cand_c.append(n_full * TILE + kc)
+        cand_v.append(values[kr, kc])
+    if len(cand_r) == 1:
+        return running, cand_r[0], cand_c[0], cand_v[0]
+    return running, torch.cat(cand_r), torch.cat(cand_c), torch.cat(cand_v)
+
+
+def bound_candidates(
+    lower: Tensor, upper: Tensor, running: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Candidates of one block of ``[rows, width]`` bounds ``lower <= d <= upper``.
+
+    ``running`` ``[rows, k]`` holds the k smallest upper bounds seen so far. Returns the updated
+    ``running`` and the flat ``(row, column)`` indices and lower bounds of the pairs whose lower
+    bound is at most the k-th smallest upper bound.
+    """
+    k = running.shape[1]
+    running = torch.cat([running, upper], dim=1).topk(k, dim=1, largest=False).values
+    keep = lower <= running[:, -1:]
+    r, c = keep.nonzero(as_tuple=True)
+    return running, r, c, lower[r, c]
+
+
+def k_smallest(values: Tensor, k: int) -> Tensor:
+    """``[rows, k]`` ascending k smallest entries of each row of ``values`` ``[rows, width]``.
+
+    Small k (the common case) takes k row minima, masking each winner: much cheaper on CPU than
+    a per-row partial sort for the short, many rows of a block's tile minima.
+    """
+    if k > 8:
+        return values.topk(k, dim=1, largest=False).values
+    work = values.clone()
+    out = torch.empty(values.shape[0], k, dtype=values.dtype, device=values.device)
+    for j in range(k):
+        best, where = work.min(dim=1, keepdim=True)
+        out[:, j : j + 1] = best
+        if j + 1 < k:
+            work.scatter_(1, where, float("inf"))
+    return out
+
+
+def surviving(pending: list[Candidates], bound: Tensor) -> Candidates:
+    """The pending ``(row, col, key)`` candidates (rows global) with ``key <= bound[row]``."""
+    rows = torch.cat([c[0] for c in pending])
+    cols = torch.cat([c[1] for c in pending])
+    keys = torch.cat([c[2] for c in pending])
+    keep = keys <= bound[rows]
+    return rows[keep], cols[keep], keys[keep]
