@@ -21,10 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["TILE", "Candidates", "bound_candidates", "k_smallest", "surviving", "tile_candidates"]
+__all__ = ["MIN_TILE", "TILE", "Candidates", "bound_candidates", "k_smallest", "surviving", "tile_candidates"]
 
 TILE = 64
-"""Columns per tile whose minimum screens for candidates."""
+"""Columns per tile whose minimum screens for candidates (narrower when k is large)."""
+
+MIN_TILE = 8
+"""Narrowest tile; with more neighbours than a block has tiles of this width, its exact top-k."""
 
 Candidates = tuple[Tensor, Tensor, Tensor]
 """Flat ``(rows, cols, keys)`` of one block's candidates (rows and cols local to the block)."""
@@ -48,48 +51,55 @@ def tile_candidates(
     block's candidates.
     """
     rows, width = approx.shape[::-1] if transposed else approx.shape
-    n_full = width // TILE
+    k = running.shape[1]
+    # Tiles narrow enough that a row has at least 4k of them: the k-th smallest tile minimum is
+    # then a tight bound (neighbours rarely share a tile) and no partial sort of the block is
+    # needed. Far more neighbours than that (k > width / (4 * MIN_TILE)): the block's exact top-k.
+    tile = TILE if 4 * k * TILE <= width else width // (4 * k)
+    n_full = width // tile if tile >= MIN_TILE else 0
     full_tiles = (
-        approx[: n_full * TILE].view(n_full, TILE, rows)
+        approx[: n_full * tile].view(n_full, tile, rows)
         if transposed
-        else approx[:, : n_full * TILE].view(rows, n_full, TILE)
+        else approx[:, : n_full * tile].view(rows, n_full, tile)
     )
     parts = []
     if n_full:
         parts.append(full_tiles.amin(dim=1).T if transposed else full_tiles.amin(dim=2))
-    if width > n_full * TILE:
-        rest = approx[n_full * TILE :].T if transposed else approx[:, n_full * TILE :]
+    if width > n_full * tile and n_full:
+        rest = approx[n_full * tile :].T if transposed else approx[:, n_full * tile :]
         parts.append(rest.amin(dim=1, keepdim=True))
-    tile_min = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    k = running.shape[1]
-    if k == 1:
-        running = torch.minimum(running, tile_min.amin(dim=1, keepdim=True))
-    elif 4 * k <= tile_min.shape[1]:
-        # Few neighbours relative to the tiles: the k-th smallest tile minimum is a tight bound.
-        running = k_smallest(torch.cat([running, tile_min], dim=1), k)
-    else:
+    if n_full == 0:
         # Many neighbours: tile minima would give a loose bound; take the block's exact top-k.
         block_best = k_smallest(approx.T if transposed else approx, min(k, width))
         running = k_smallest(torch.cat([running, block_best], dim=1), k)
+        threshold = (running.amax(dim=1) + slack).clamp_max(torch.finfo(approx.dtype).max)
+        block = approx.T if transposed else approx
+        kr, kc = (block <= threshold[:, None]).nonzero(as_tuple=True)
+        return running, kr, kc, block[kr, kc]
+    tile_min = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if k == 1:
+        running = torch.minimum(running, tile_min.amin(dim=1, keepdim=True))
+    else:
+        running = k_smallest(torch.cat([running, tile_min], dim=1), k)
     # Finite, so that masked entries (+inf: a point's own index) are never candidates.
     threshold = (running.amax(dim=1) + slack).clamp_max(torch.finfo(approx.dtype).max)
     hit_r, hit_t = (tile_min <= threshold[:, None]).nonzero(as_tuple=True)
     cand_r, cand_c, cand_v = [], [], []
     if n_full:
-        # Whole tiles are gathered as rows of TILE (contiguous unless transposed).
+        # Whole tiles are gathered as rows of `tile` (contiguous unless transposed).
         full = hit_t < n_full
         fr, ft = hit_r[full], hit_t[full]
         values = full_tiles[ft, :, fr] if transposed else full_tiles[fr, ft]
         kr, kc = (values <= threshold[fr, None]).nonzero(as_tuple=True)
         cand_r.append(fr[kr])
-        cand_c.append(ft[kr] * TILE + kc)
+        cand_c.append(ft[kr] * tile + kc)
         cand_v.append(values[kr, kc])
-    if width > n_full * TILE:
+    if width > n_full * tile:
         pr = hit_r[hit_t == n_full]
-        values = approx[n_full * TILE :, pr].T if transposed else approx[pr, n_full * TILE :]
+        values = approx[n_full * tile :, pr].T if transposed else approx[pr, n_full * tile :]
         kr, kc = (values <= threshold[pr, None]).nonzero(as_tuple=True)
         cand_r.append(pr[kr])
-        cand_c.append(n_full * TILE + kc)
+        cand_c.append(n_full * tile + kc)
         cand_v.append(values[kr, kc])
     if len(cand_r) == 1:
         return running, cand_r[0], cand_c[0], cand_v[0]

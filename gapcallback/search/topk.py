@@ -75,24 +75,39 @@ def merge_sorted(
     best_d: Tensor, best_i: Tensor, rows: Tensor, dists: Tensor, cols: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Merge flat candidates ``(rows, dists, cols)`` into the per-row top-k ``best_d``/``best_i``
-    ``[R, k]`` (each column at most once per row). Sorting by (row, distance, index) makes the
-    result independent of the order of the candidates."""
+    ``[R, k]`` (each column at most once per row).
+
+    The candidates are laid out per row in a padded ``[R, W]`` table, sorted by column and then,
+    stably, by distance: the order is (distance, column) whatever the order of the candidates,
+    so the result does not depend on the blocks. An empty state (every index ``-1``) is not merged
+    in, only padded.
+    """
     n_rows, k = best_d.shape
     if rows.numel() == 0:
         return best_d, best_i
-    base_rows = torch.arange(n_rows, device=rows.device).repeat_interleave(k)
-    all_r = torch.cat([base_rows, rows])
-    all_d = torch.cat([best_d.reshape(-1), dists])
-    all_c = torch.cat([best_i.reshape(-1), cols])
-    # Unused slots (index -1, distance inf) must sort after any real candidate.
-    all_c_key = torch.where(all_c < 0, torch.iinfo(torch.long).max, all_c)
-    order = torch.argsort(all_c_key, stable=True)
-    order = order[torch.argsort(all_d[order], stable=True)]
-    order = order[torch.argsort(all_r[order], stable=True)]
-    counts = torch.bincount(all_r, minlength=n_rows)
+    if not bool((best_i[:, 0] < 0).all()):
+        base_rows = torch.arange(n_rows, device=rows.device).repeat_interleave(k)
+        live = best_i.reshape(-1) >= 0
+        rows = torch.cat([base_rows[live], rows])
+        dists = torch.cat([best_d.reshape(-1)[live], dists])
+        cols = torch.cat([best_i.reshape(-1)[live], cols])
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=n_rows)
     starts = torch.cumsum(counts, dim=0) - counts
-    take = order[starts[:, None] + torch.arange(k, device=rows.device)[None, :]]
-    return all_d[take], all_c[take]
+    width = max(int(counts.max()), k)
+    sorted_rows = rows[order]
+    slot = torch.arange(rows.numel(), device=rows.device) - starts[sorted_rows]
+    unused = torch.iinfo(torch.long).max  # sorts after every real column
+    table_d = torch.full((n_rows, width), float("inf"), dtype=dists.dtype, device=rows.device)
+    table_c = torch.full((n_rows, width), unused, dtype=torch.long, device=rows.device)
+    table_d[sorted_rows, slot] = dists[order]
+    table_c[sorted_rows, slot] = cols[order]
+    table_c, by_col = torch.sort(table_c, dim=1, stable=True)
+    table_d = table_d.gather(1, by_col)
+    table_d, by_dist = torch.sort(table_d, dim=1, stable=True)
+    table_c = table_c.gather(1, by_dist)
+    out_i = table_c[:, :k]
+    return table_d[:, :k].contiguous(), torch.where(out_i == unused, -1, out_i)
 
 
 def merge_distinct(
