@@ -144,6 +144,18 @@ def _all_finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _no_scaling_needed(ops: GemmOperands, dim: int) -> bool:
+    r"""Whether the centred magnitudes provably lie in ``2^[-30, 30)`` (no screen scaling).
+
+    The largest entry :math:`t` of the centred data satisfies :math:`\sqrt{\nu / D} \le t \le
+    \sqrt{\nu}` for the largest squared norm :math:`\nu`; a factor 2 on each side covers the
+    rounding of the computed norms (relative error below :math:`D\,\varepsilon`)."""
+    top = float(torch.maximum(ops.query_norms.max(), ops.point_norms.max()))
+    if not math.isfinite(top):
+        return False
+    return 4.0 * 2.0**-62 * dim <= top <= 0.25 * 2.0**60
+
+
 @torch.no_grad()
 def gemm_knn(
     queries: Tensor,
@@ -182,22 +194,26 @@ def gemm_knn(
         x = points.to(dtype)
         same = exclude_self and same_tensor(queries, points)
         centre = (x.sum(dim=0, dtype=exact) / m).to(dtype)
-        # Screen operands from data scaled by a power of two when the centred magnitudes are
-        # extreme (exact; see gapcallback.search.ranges); the re-check always uses the raw inputs.
-        exponent = screen_exponent(centred_magnitude(x, centre), centred_magnitude(q, centre))
-        if exponent:
-            xs = ldexp(x, exponent)
-            qs_ = xs if same else ldexp(q, exponent)
-            centre_s = ldexp(centre, exponent)
-        else:
-            xs, qs_, centre_s = x, q, centre
         # float64 inputs are screened in float32 (twice the GEMM speed) when that is finite; the
         # rounding of the inputs to float32 is inside the slack below, and the re-check is float64.
         screen = torch.float32 if dtype == torch.float64 else dtype
-        ops = gemm_operands(qs_, xs, centre_s, screen, same)
-        if screen != dtype and not _all_finite(ops.query_norms, ops.point_norms):
-            screen = dtype
-            ops = gemm_operands(qs_, xs, centre_s, screen, same)
+        # Operands of the unscaled data first: their norms bound the centred magnitudes, and
+        # when the bounds prove them inside 2^[-30, 30] the power-of-two scaling (see
+        # gapcallback.search.ranges) is 0 without a pass over the data to measure them.
+        ops = gemm_operands(q, x, centre, screen, same)
+        if not _no_scaling_needed(ops, dim):
+            # Extreme (or non-finite) magnitudes: measure them, and screen on data scaled by a
+            # power of two (exact); the re-check always uses the raw inputs.
+            exponent = screen_exponent(centred_magnitude(x, centre), centred_magnitude(q, centre))
+            if exponent:
+                xs = ldexp(x, exponent)
+                qs_ = xs if same else ldexp(q, exponent)
+                ops = gemm_operands(qs_, xs, ldexp(centre, exponent), screen, same)
+            else:
+                xs, qs_ = x, q
+            if screen != dtype and not _all_finite(ops.query_norms, ops.point_norms):
+                screen = dtype
+                ops = gemm_operands(qs_, xs, ldexp(centre, exponent), screen, same)
         # NaN/Inf in an input shows up in the norms: one cheap test instead of a full pass.
         if not _all_finite(ops.query_norms, ops.point_norms):
             check_finite(queries, names[0])
