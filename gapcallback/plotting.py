@@ -8,9 +8,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
     from gapcallback.law import GapLaw
 
-__all__ = ["gap_history_figure", "new_figure", "render_rgb", "require_matplotlib", "save_png"]
+__all__ = [
+    "gap_history_figure",
+    "new_figure",
+    "plot_law",
+    "render_rgb",
+    "require_matplotlib",
+    "save_png",
+]
 
 
 def require_matplotlib(what: str = "Plotting") -> Any:
@@ -63,6 +73,69 @@ def save_png(rgb: Any, path: str | Path) -> None:
     Image.fromarray(rgb).save(path, format="png", compress_level=1)
 
 
+def plot_law(
+    law: GapLaw, ax: Axes | None = None, n_max: float | None = None, *, level: float = 0.9
+) -> tuple[Figure, Axes]:
+    """Log-log plot of a law's measured gaps (with error bars), the fitted line and its band.
+
+    :meth:`GapLaw.plot <gapcallback.law.GapLaw.plot>` calls this.
+
+    Args:
+        law: the fitted :class:`~gapcallback.law.GapLaw`.
+        ax: matplotlib ``Axes`` to draw on; a new pyplot figure when ``None``.
+        n_max: right end of the fitted line (default ``4 * max(law.sizes)``).
+        level: probability of the uncertainty band (:meth:`GapLaw.predict_interval
+            <gapcallback.law.GapLaw.predict_interval>`).
+
+    Returns:
+        ``(figure, axes)``.
+    """
+    import torch
+
+    plt = require_matplotlib("GapLaw.plot")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 4))
+    else:
+        fig = ax.figure
+    lo = float(law.sizes.min()) if law.sizes.numel() else 1.0
+    hi_default = 4.0 * float(law.sizes.max()) if law.sizes.numel() else 1e4
+    hi = hi_default if n_max is None else float(n_max)
+    if not hi > lo:
+        raise ValueError(f"`n_max` must exceed the smallest size {lo:g}, got {n_max}.")
+    grid = torch.logspace(math.log10(lo), math.log10(hi), 100, dtype=torch.float64)
+    low, high = law.predict_interval(grid, level)
+    ax.fill_between(
+        grid.numpy(),
+        low.numpy(),
+        high.numpy(),
+        alpha=0.25,
+        color="C0",
+        label=f"{round(level * 100)}% band",
+    )
+    ax.plot(
+        grid.numpy(),
+        law.predict(grid).numpy(),
+        color="C0",
+        label=f"$R_n = {law.constant:.3g}\\,n^{{-{law.p:g}/{law.dimension:.2f}}}$",
+    )
+    if law.sizes.numel():
+        ax.errorbar(
+            law.sizes.numpy(),
+            law.gaps.numpy(),
+            yerr=law.gaps_std.numpy(),
+            fmt="o",
+            color="C1",
+            ms=4,
+            label="measured",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training-set size n")
+    ax.set_ylabel(f"representation gap $R_n$ (p={law.p:g})")
+    ax.legend()
+    return fig, ax
+
+
 def gap_history_figure(
     history: Sequence[dict[str, Any]],
     *,
@@ -84,8 +157,6 @@ def gap_history_figure(
     Returns:
         the matplotlib ``Figure`` (its own Agg canvas; see :func:`new_figure`).
     """
-    from gapcallback.callbacks.gap_values import effective_training_size
-
     fig = new_figure((11, 4))
     ax_law, ax_time = fig.subplots(1, 2)
     done = [h for h in history if not h.get("skipped")]
@@ -93,14 +164,14 @@ def gap_history_figure(
     steps = [h["step"] for h in done]
     if law is not None:
         upper = max([float(law.sizes.max()) if law.sizes.numel() else 1.0, float(n_train or 1)])
-        effective = [effective_training_size(law, v) for v in observed]
+        effective = [law.effective_size(v) for v in observed]
         placed = [
             (i, e, v)
             for i, (e, v) in enumerate(zip(effective, observed, strict=True))
             if math.isfinite(e)
         ]
         n_hi = max([4.0 * upper, *[e for _, e, _ in placed]])
-        law.plot(ax=ax_law, n_max=min(n_hi, 1e4 * upper))
+        plot_law(law, ax=ax_law, n_max=min(n_hi, 1e4 * upper))
         if placed:
             points = ax_law.scatter(
                 [e for _, e, _ in placed],

@@ -448,10 +448,12 @@ def test_fit_gaps_are_exact_orbit_gaps_under_a_symmetry() -> None:
 
 
 def _count_search_work(monkeypatch) -> list[float]:
-    """Spy on the kNN searches of ``GapLaw.fit`` (the real search runs): pair products of each."""
-    import gapcallback.law as law_module
+    """Spy on the kNN searches of ``GapLaw.fit`` (the real search runs): pair products of each.
 
-    real = law_module.knn
+    Every search of the fit goes through ``gap_curve.curve_knn``, the measurement's one search."""
+    from gapcallback.functional import gap_curve as law_module
+
+    real = law_module.curve_knn
     work: list[float] = []
 
     def spy(queries, points, k=1, **kwargs):
@@ -459,7 +461,7 @@ def _count_search_work(monkeypatch) -> list[float]:
         work.append(queries.shape[0] * points.shape[0] / (2 if same else 1))
         return real(queries, points, k, **kwargs)
 
-    monkeypatch.setattr(law_module, "knn", spy)
+    monkeypatch.setattr(law_module, "curve_knn", spy)
     return work
 
 
@@ -600,3 +602,256 @@ def test_constructor_accepts_tensors_numpy_integers_and_unknown_nan() -> None:
     # A law without sizes (NaN anchor) survives the state-dict round trip.
     restored = GapLaw.from_state_dict(json.loads(json.dumps(law.state_dict())))
     assert restored.k == 4 and math.isnan(restored.anchor_gap)
+
+
+# ---------------------------------------------------------------------- the gap curve (measuring)
+
+
+def test_measure_gap_curve_holds_what_the_fit_reads() -> None:
+    from gapcallback.functional.gap_curve import measure_gap_curve
+
+    x = _sphere(300, 3, seed=3, ambient=6)
+    train, reference = x[:220], x[220:]
+    sizes = [10, 40, 150, 299]
+    curve = measure_gap_curve(train, reference, sizes, repeats=3, k=4, generator=7)
+    assert curve.sizes.tolist() == [float(s) for s in sizes]
+    assert curve.anchor_size == 299.0 and curve.n_train == 220 and curve.pooled
+    # Each pass cuts the pool into 300 // (size + 1) disjoint subsets; one pass at n_max.
+    assert [g.numel() for g in curve.subset_gaps] == [3 * 27, 3 * 7, 3 * 1, 1]
+    torch.testing.assert_close(curve.gaps, torch.stack([g.mean() for g in curve.subset_gaps]))
+    # Per-query sums: every point queries once per pass (except the leftovers of a pass).
+    torch.testing.assert_close(
+        curve.term_sums.sum(1) / curve.term_counts.sum(1), curve.gaps, rtol=1e-12, atol=0.0
+    )
+    assert curve.term_counts.shape == (4, 300) and float(curve.term_counts[-1].min()) == 1.0
+    # Oracles by brute force: k-th neighbour terms of the pool, references' nearest training point.
+    pool = torch.cat([train, reference])
+    d = _sq_dists(pool, pool, False).fill_diagonal_(math.inf)
+    torch.testing.assert_close(curve.neighbour_terms, d.sort(dim=1).values[:, 3])
+    torch.testing.assert_close(
+        curve.reference_sq_dists, _sq_dists(reference, train, False).min(dim=1).values
+    )
+    # The law is this curve, fitted: GapLaw.fit == measure_gap_curve, then from_curve.
+    g = torch.Generator().manual_seed(7)
+    again = measure_gap_curve(train, reference, sizes, repeats=3, k=4, generator=g)
+    fitted = GapLaw.from_curve(again, seed=g)
+    assert (
+        fitted.state_dict()
+        == GapLaw.fit(train, reference, sizes=sizes, repeats=3, k=4, seed=7).state_dict()
+    )
+    assert fitted.curve is again and GapLaw.from_state_dict(fitted.state_dict()).curve is None
+
+
+def test_first_subsets_are_the_first_of_each_partition() -> None:
+    from gapcallback.functional.gap_curve import measure_gap_curve
+
+    x = _sphere(400, 2, seed=4)
+    train, reference = x[:300], x[300:]
+    kwargs = {"repeats": 4, "pooled": False, "generator": 11}
+    every = measure_gap_curve(train, reference, [20, 75, 300], **kwargs)
+    first = measure_gap_curve(train, reference, [20, 75, 300], subsets="first", **kwargs)
+    for all_row, first_row, blocks in zip(
+        every.subset_gaps, first.subset_gaps, (15, 4, 1), strict=True
+    ):
+        # The same terms (a column of a [queries, blocks] table is averaged in another order).
+        torch.testing.assert_close(first_row, all_row[::blocks], rtol=1e-14, atol=0)
+    # The slope dimension measures exactly these subsets (one per repeat, the full set once).
+    from gapcallback.functional import gap_slope_dimension
+
+    res = gap_slope_dimension(
+        train, reference, [20, 75, 300], repeats=4, generator=torch.Generator().manual_seed(11)
+    )
+    torch.testing.assert_close(res.gaps[:2], torch.stack(first.subset_gaps[:2]))
+    torch.testing.assert_close(res.gaps[2], first.subset_gaps[2].expand(4))
+
+
+def test_measure_gap_curve_checks_its_arguments() -> None:
+    from gapcallback.functional.gap_curve import measure_gap_curve
+
+    x = _sphere(60, 2, seed=0)
+    with pytest.raises(ValueError, match="sizes"):
+        measure_gap_curve(x[:40], x[40:], [10, 5])
+    with pytest.raises(ValueError, match=r"\[1, 59\]"):
+        measure_gap_curve(x[:40], x[40:], [10, 60])
+    with pytest.raises(ValueError, match="`k`"):
+        measure_gap_curve(x[:40], x[40:], [5, 10], k=41, pooled=False)
+    with pytest.raises(ValueError, match="subsets"):
+        measure_gap_curve(x[:40], x[40:], [5, 10], subsets="some")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`train`"):
+        measure_gap_curve(x[:40].numpy(), x[40:], [5, 10])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="GapCurve"):
+        GapLaw.from_curve({"sizes": [1, 2]})  # type: ignore[arg-type]
+
+
+def test_size_grid_is_the_one_both_callers_use() -> None:
+    from gapcallback.functional.gap_curve import gap_size_grid
+
+    grid = gap_size_grid(4000, 9, 4000 / 16)
+    assert grid.dtype == torch.float64 and grid[0] == 250 and grid[-1] == 4000
+    assert bool((grid == grid.round()).all()) and bool((grid.diff() > 0).all())
+    ratios = grid.diff().div(grid[:-1])
+    assert float(ratios.max() - ratios.min()) < 0.02  # geometric up to rounding
+    assert gap_size_grid(10, 6, 8).tolist() == [8.0, 9.0, 10.0]  # duplicates merged
+    # gap_slope_dimension's default: 6 sizes from max(8, n // 32), as numpy's geomspace rounded.
+    for n in (16, 50, 255, 256, 1000, 4099, 20000):
+        lo = max(8, n // 32)
+        if n < 2 * lo:
+            lo = max(1, n // 4)
+        want = np.unique(np.round(np.geomspace(lo, n, 6)).astype(int)).tolist()
+        assert gap_size_grid(n, 6, lo).long().tolist() == want
+    with pytest.raises(ValueError, match="smallest"):
+        gap_size_grid(100, 5, 200)
+
+
+# ---------------------------------------------------------------------- fitting (statistics)
+
+
+def test_fit_line_is_exact_on_lines_and_batched() -> None:
+    from gapcallback.functional.gap_curve import fit_line
+
+    x = torch.tensor([100.0, 200.0, 400.0, 800.0], dtype=torch.float64).log()
+    y = torch.stack([3.0 - 0.5 * x, 1.0 + 2.0 * x, 0.0 * x])
+    fit = fit_line(x, y)
+    torch.testing.assert_close(fit.slope, torch.tensor([-0.5, 2.0, 0.0], dtype=torch.float64))
+    assert float(fit.stderr.max()) < 1e-12
+    # Closed form on noisy points: x = (0, 1, 2, 3), y = (0, 2, 1, 3): slope 0.8, se sqrt(0.6/2/5).
+    one = fit_line(
+        torch.arange(4, dtype=torch.float64),
+        torch.tensor([0.0, 2.0, 1.0, 3.0], dtype=torch.float64),
+    )
+    assert float(one.slope) == pytest.approx(0.8, rel=1e-14)
+    assert float(one.stderr) == pytest.approx(math.sqrt(1.8 / 2 / 5), rel=1e-14)
+
+
+def test_fit_law_on_an_exact_curve_is_exact() -> None:
+    """Exact power law, every subset equal: the slope gives d, k = 1 anchors at the last gap (the
+    LPS factor is 1), and the bootstrap has nothing to vary."""
+    from gapcallback.law.fit import fit_law, lps_log_constant
+
+    sizes = torch.tensor([125.0, 250.0, 500.0, 1000.0], dtype=torch.float64)
+    d, p, constant = 4.0, 2.0, 0.7
+    gaps = constant * sizes ** (-p / d)
+    subsets = [g.repeat(6) for g in gaps[:-1]] + [gaps[-1:]]
+    fitted = fit_law(
+        sizes,
+        gaps,
+        subsets,
+        [torch.zeros_like(s) for s in subsets],
+        torch.ones(4, dtype=torch.bool),
+        p=p,
+        k=1,
+        dimension=None,
+        anchor_size=1000.0,
+        anchor_mean=float(gaps[-1]),
+        anchor_se=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert fitted.dimension == pytest.approx(d, rel=1e-12)
+    assert fitted.constant == pytest.approx(constant, rel=1e-12)
+    assert fitted.dimension_std == pytest.approx(0.0, abs=1e-9)
+    assert float(fitted.covariance.abs().max()) < 1e-20
+    assert float(fitted.gaps_std.max()) == 0.0
+    assert fitted.anchor_gap == pytest.approx(float(gaps[-1]), rel=1e-12)
+    # LPS in closed form: Gamma(1 + a) Gamma(k) / Gamma(k + a) N^a mean, a = p / d.
+    a, k, n_eff, mean = 0.5, 5, 1000.0, 0.01
+    want = special.gamma(1 + a) * special.gamma(k) / special.gamma(k + a) * n_eff**a * mean
+    got = lps_log_constant(
+        torch.tensor([mean], dtype=torch.float64),
+        n_eff,
+        2.0,
+        torch.tensor([0.25], dtype=torch.float64),
+        k,
+    )
+    assert float(got.exp()) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("d0", "ratio"), [(1.0, 16.0), (2.0, 16.0), (3.0, 2.0 ** (8 / 3)), (8.0, 4.0)]
+)
+def test_default_fit_min_size_follows_the_whole_grid_slope(d0: float, ratio: float) -> None:
+    from gapcallback.law.fit import default_fit_min_size
+
+    sizes = torch.tensor([250.0, 500.0, 1000.0, 2000.0, 4000.0], dtype=torch.float64)
+    fit_min = default_fit_min_size(sizes, 3.0 * sizes ** (-2.0 / d0), 2.0, 4000.0)
+    assert fit_min == pytest.approx(4000.0 / ratio, rel=1e-12)
+
+
+# ---------------------------------------------------------------------- the band (calibration)
+
+
+def test_curvature_bias_is_zero_for_a_power_law_and_exact_for_its_correction() -> None:
+    from gapcallback.law.fit import curvature_bias
+
+    sizes = torch.tensor([250.0, 500.0, 1000.0, 2000.0, 4000.0], dtype=torch.float64)
+    n = torch.tensor([1000.0, 4000.0, 16000.0, 64000.0], dtype=torch.float64)
+    d, p = 4.0, 2.0
+    straight = 2.0 * sizes ** (-p / d)
+    kwargs = {"p": p, "dimension": d, "anchor_size": 4000.0}
+    flat = curvature_bias(
+        sizes, straight, 0.01 * straight, n, anchor_gap=float(straight[-1]), **kwargs
+    )
+    assert float(flat.bias.abs().max()) < 1e-12
+    # R = 2 n^(-1/2) exp(A n^(-1/2)) (theta = 2/d): the straight law through the last gap misses
+    # log R(n) - log R(4000) + (1/2) log(n / 4000) = A (n^-1/2 - 4000^-1/2), which is the bias.
+    a = 3.0
+    curved = straight * torch.exp(a * sizes ** (-0.5))
+    out = curvature_bias(sizes, curved, 0.01 * curved, n, anchor_gap=float(curved[-1]), **kwargs)
+    torch.testing.assert_close(out.bias, a * (n ** (-0.5) - 4000 ** (-0.5)), rtol=1e-9, atol=1e-12)
+    # An anchor off the measured curve: the difference is part of the bias everywhere.
+    off = curvature_bias(
+        sizes, curved, 0.01 * curved, n, anchor_gap=float(curved[-1]) * 1.02, **kwargs
+    )
+    torch.testing.assert_close(off.bias, out.bias - math.log(1.02), rtol=1e-9, atol=1e-12)
+    # Variance: that of the fitted curve's value, growing with the extrapolation.
+    assert bool((out.variance[1:].diff() > 0).all())
+    # Too few sizes or unknown errors: no correction.
+    assert (
+        float(
+            curvature_bias(sizes[:3], curved[:3], curved[:3], n, anchor_gap=1.0, **kwargs)
+            .bias.abs()
+            .max()
+        )
+        == 0.0
+    )
+    assert (
+        float(curvature_bias(sizes, curved, 0 * curved, n, anchor_gap=1.0, **kwargs).variance.max())
+        == 0.0
+    )
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("shift", [0.0, 0.3, 1.0, 4.0])
+def test_band_half_width_holds_level_of_the_shifted_normal(level: float, shift: float) -> None:
+    from scipy import stats
+
+    from gapcallback.law.fit import band_half_width
+
+    sigma = torch.tensor([0.02], dtype=torch.float64)
+    h = float(band_half_width(sigma, sigma * shift, level))
+    b, s = shift * 0.02, 0.02
+    assert stats.norm.cdf((h - b) / s) - stats.norm.cdf((-h - b) / s) == pytest.approx(
+        level, abs=1e-9
+    )
+    if shift == 0.0:
+        assert h == pytest.approx(float(stats.norm.ppf(0.5 + level / 2)) * s, rel=1e-12)
+
+
+def test_band_is_the_sampling_band_on_a_straight_curve_and_wider_on_a_bent_one() -> None:
+    sizes = torch.tensor([250.0, 500.0, 1000.0, 2000.0, 4000.0], dtype=torch.float64)
+    straight = 2.0 * sizes ** (-0.5)
+    cov = [[1e-4, 1e-5], [1e-5, 1e-6]]
+    common = {"dimension": 4.0, "covariance": cov, "sizes": sizes, "anchor_size": 4000.0}
+    plain = GapLaw(constant=2.0, gaps=straight, **common)  # no gaps_std: sampling noise only
+    flat = GapLaw(constant=2.0, gaps=straight, gaps_std=1e-9 * straight, **common)
+    for n in (1000.0, 16000.0):
+        assert flat.predict_interval(n) == pytest.approx(plain.predict_interval(n), rel=1e-6)
+    bent = straight * torch.exp(3.0 * sizes ** (-0.5))
+    law = GapLaw(constant=float(bent[-1]) * 4000**0.5, gaps=bent, gaps_std=1e-3 * bent, **common)
+    low, high = law.predict_interval(16000.0)
+    p_low, p_high = plain.predict_interval(16000.0)
+    assert math.log(high / low) > 1.5 * math.log(p_high / p_low)  # the bend widens the band
+    assert math.log(high / law.predict(16000.0)) == pytest.approx(
+        math.log(law.predict(16000.0) / low)
+    )
+    truth = 2.0 * 16000**-0.5 * math.exp(3.0 * 16000**-0.5)
+    assert low <= truth <= high

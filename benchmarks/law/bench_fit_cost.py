@@ -4,7 +4,8 @@ Times ``GapLaw.fit(train, reference)`` (default options, pooled) against one
 ``F.knn(pool, pool, 1, exclude_self=True)`` of the same pool (``pool = cat(train, reference)``),
 alternating the two so that a change of machine load hits both, and prints the ratio of the
 medians. Also counts the kNN searches the fit runs and their work in pair products (a spy around
-the ``knn`` that ``gapcallback.law`` calls; the real search runs), in units of the reference search
+``gapcallback.functional.gap_curve.curve_knn``, through which every search of the fit goes, or the
+``knn`` of an older ``law.py``; the real search runs), in units of the reference search
 (``N^2 / 2`` products: a leave-one-out search computes each pair once), and prints the fitted
 dimension and constant with their bootstrap standard deviations.
 
@@ -53,9 +54,19 @@ def load_law_module(path: str | None) -> ModuleType:
     return module
 
 
-def count_searches(module: ModuleType, run: Callable[[], Any]) -> tuple[Any, int, float]:
-    """Run ``run()`` with a counting wrapper around ``module.knn``; return (result, calls, pairs)."""
-    real = module.knn
+def search_hook(law_module: ModuleType, law_file: str | None) -> tuple[ModuleType, str]:
+    """The module and name of the function every search of the fit goes through."""
+    if law_file is None:
+        from gapcallback.functional import gap_curve
+
+        return gap_curve, "curve_knn"
+    return law_module, "knn"  # an older, single-file law.py
+
+
+def count_searches(module: ModuleType, name: str, run: Callable[[], Any]) -> tuple[Any, int, float]:
+    """Run ``run()`` with a counting wrapper around ``module.<name>``; return (result, calls,
+    pairs)."""
+    real = getattr(module, name)
     calls = 0
     pairs = 0.0
 
@@ -67,11 +78,11 @@ def count_searches(module: ModuleType, run: Callable[[], Any]) -> tuple[Any, int
         pairs += q * p / 2 if same else q * p
         return real(queries, points, k, **kwargs)
 
-    module.knn = spy
+    setattr(module, name, spy)
     try:
         result = run()
     finally:
-        module.knn = real
+        setattr(module, name, real)
     return result, calls, pairs
 
 
@@ -95,7 +106,7 @@ def main() -> None:
         return law_module.GapLaw.fit(train, reference, seed=args.seed)
 
     F.knn(pool[:2000], pool[:2000], 1, exclude_self=True)  # warm-up
-    law, calls, pairs = count_searches(law_module, fit)
+    law, calls, pairs = count_searches(*search_hook(law_module, args.law_file), fit)
     search_times, fit_times = [], []
     for _ in range(args.rounds):
         t = time.perf_counter()

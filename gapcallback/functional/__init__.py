@@ -10,6 +10,9 @@
                                    references), ``functional/dimension_references.py``
                                    (simulated reference families, memoised),
                                    ``functional/calibration_table.py`` (the shipped table)
+``measure_gap_curve`` (+ ...)      ``functional/gap_curve.py``: the gap at a grid of training-set
+                                   sizes (``GapLaw.fit`` and ``method="gap"``), its size grid and
+                                   slope
 ``gradient_snr`` (+ ...)           ``functional/gradient_signal.py``: per-sample gradients, SNR,
                                    one-step generalization ratio (Liu et al. 2020)
 =================================  ==========================================================
@@ -31,6 +34,7 @@ from gapcallback.functional.dimension import (
     multiscale_dimension,
 )
 from gapcallback.functional.gap import gap_from_sq_dists, representation_gap
+from gapcallback.functional.gap_curve import GapCurve, gap_size_grid, measure_gap_curve
 from gapcallback.functional.gradient_signal import (
     StreamingGradientMoments,
     gradient_moments,
@@ -45,6 +49,7 @@ from gapcallback.functional.nearest_neighbours import KNNResult, knn
 
 __all__ = [
     "DimensionEstimate",
+    "GapCurve",
     "GapSlope",
     "KNNResult",
     "MemorizationResult",
@@ -52,12 +57,14 @@ __all__ = [
     "StreamingGradientMoments",
     "deduplicate",
     "gap_from_sq_dists",
+    "gap_size_grid",
     "gap_slope_dimension",
     "gradient_moments",
     "gradient_snr",
     "intrinsic_dimension",
     "intrinsic_dimension_estimate",
     "knn",
+    "measure_gap_curve",
     "memorization",
     "multiscale_dimension",
     "one_step_generalization_ratio",

@@ -76,7 +76,12 @@ from torch import Tensor
 
 from gapcallback.functional.dimension_calibration import calibrate, check_references
 from gapcallback.functional.dimension_references import MAX_REFERENCE_POINTS, REFERENCE_FAMILIES
-from gapcallback.functional.gap import gap_value
+from gapcallback.functional.gap_curve import (
+    as_generator,
+    fit_line,
+    gap_size_grid,
+    measure_gap_curve,
+)
 from gapcallback.functional.nearest_neighbours import KNNResult, exact_knn
 from gapcallback.utils.checks import (
     check_choice,
@@ -392,28 +397,32 @@ def gap_slope_dimension(
     check_same_features(train, reference, "train", "reference")
     p = check_exponent(p)
     repeats = check_positive_int(repeats, "repeats")
-    generator = _generator(generator)
+    generator = as_generator(generator, "generator")
     n = train.shape[0]
     size_list = _gap_sizes(n, sizes)
-    gaps = torch.empty(len(size_list), repeats, dtype=torch.float64)
-    for a, size in enumerate(size_list):
-        for r in range(repeats):
-            if size == n:
-                subset = train
-            else:
-                idx = torch.randperm(n, generator=generator)[:size].to(train.device)
-                subset = train[idx]
-            # Exact float64 gap whatever the dtype: the slope is scale-free.
-            nearest = exact_knn(reference, subset, 1, names=("reference", "train")).sq_dists[:, 0]
-            gaps[a, r] = float(gap_value(nearest, p, torch.float64, ("reference", "train")))
+    # One random subset per repeat (the first subset of each pass); exact float64 gaps whatever
+    # the dtype: the slope is scale-free.
+    curve = measure_gap_curve(
+        train,
+        reference,
+        size_list,
+        p=p,
+        repeats=repeats,
+        k=1,
+        pooled=False,
+        subsets="first",
+        generator=generator,
+    )
+    # The full training set is measured once: each of its repeats is the same gap.
+    gaps = torch.stack([row.expand(repeats) for row in curve.subset_gaps])
     if not bool((gaps > 0).all()):
         raise ValueError(
             "A representation gap is exactly 0: every `reference` point is also in `train`. Use a"
             " held-out `reference` that shares no point with `train` (or deduplicate first)."
         )
-    log_n = torch.tensor([math.log(s) for s in size_list], dtype=torch.float64)
-    log_n = log_n[:, None].expand(-1, repeats).reshape(-1)
-    slope, slope_std = _line_slope(log_n, gaps.log().reshape(-1))
+    log_n = curve.sizes.log()[:, None].expand(-1, repeats).reshape(-1)
+    line = fit_line(log_n, gaps.log().reshape(-1))
+    slope, slope_std = float(line.slope), float(line.stderr)
     if not slope < 0:
         raise ValueError(
             f"The gap does not decrease with n (slope {slope:.3g} of log R vs log n); the data look"
@@ -709,21 +718,10 @@ def _gap_sizes(n: int, sizes: Sequence[int] | Tensor | None) -> list[int]:
             lo = max(1, n // 4)
         if lo >= n:
             raise ValueError(f"`train` has {n} points; the gap slope needs at least 2.")
-        grid = np.unique(np.round(np.geomspace(lo, n, 6)).astype(int))
-        return [int(v) for v in grid]
+        return [int(v) for v in gap_size_grid(n, 6, lo).long().tolist()]
     values = [int(v) for v in (sizes.tolist() if isinstance(sizes, Tensor) else sizes)]
     if len(set(values)) < 2 or any(v < 1 or v > n for v in values):
         raise ValueError(
             f"`sizes` must hold at least 2 distinct subsample sizes in [1, {n}], got {values}."
         )
     return sorted(set(values))
-
-
-def _line_slope(xs: Tensor, ys: Tensor) -> tuple[float, float]:
-    """Least-squares slope and its standard error."""
-    xc = xs - xs.mean()
-    sxx = float(xc.square().sum())
-    slope = float((xc * (ys - ys.mean())).sum()) / sxx
-    resid = ys - ys.mean() - slope * xc
-    dof = max(1, xs.numel() - 2)
-    return slope, math.sqrt(float(resid.square().sum()) / dof / sxx)

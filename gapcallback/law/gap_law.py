@@ -1,43 +1,11 @@
-r"""The asymptotic gap law :math:`R_n \approx J\,n^{-p/d}`, fitted from data.
+"""The value object :class:`GapLaw`: a fitted gap law :math:`R_n = J\\,n^{-p/d}`.
 
-For ``n`` i.i.d. training points with density :math:`q` and references with density :math:`\pi` on
-a ``d``-dimensional manifold, the representation gap (mean distance to the nearest training point,
-to the power ``p``) follows the nearest-neighbour / random-quantization law
-
-.. math::
-
-    R_n \;\sim\; J\, n^{-p/d}, \qquad
-    J = \Gamma\!\left(1 + \tfrac{p}{d}\right) V_d^{-p/d} \int \pi(y)\, q(y)^{-p/d}\, d\mathrm{vol},
-    \qquad V_d = \frac{\pi^{d/2}}{\Gamma(d/2 + 1)} .
-
-:class:`GapLaw` measures the gap at a geometric grid of training-set sizes (each pass cuts the points
-into disjoint random subsets of the size; several passes), reads the dimension off the slope of
-:math:`\log R_n` against :math:`\log n` on the upper part of the grid (the slope at small ``n`` is
-biased by finite-size effects, relative size :math:`\propto n^{-2/d}`), and pins the constant
-with the Leonenko-Pronzato-Savani (LPS) ``k``-nearest-neighbour estimator at the largest size
-available. From ``N`` points whose ``k``-th neighbour distances are :math:`\rho_{k,i}`,
-
-.. math::
-
-    \hat R(n) = \Gamma\!\left(1 + \tfrac{p}{d}\right)
-        \frac{\Gamma(k)}{\Gamma(k + p/d)} \left(\frac{N_\mathrm{eff}}{n}\right)^{p/d}
-        \frac{1}{N} \sum_i \rho_{k,i}^{\,p}
-
-(the ball volume :math:`V_d` cancels; for ``k = 1`` and :math:`n = N_\mathrm{eff}` it is exactly the
-measured gap). Extrapolation to another size follows
-:math:`R(n') = R(n) (n / n')^{p/d}`, whose sensitivity to the dimension is
-:math:`\partial \ln R / \partial d = (p / d^2) \ln(n'/n)`.
-
-Two ways to measure, chosen by ``pooled`` in :meth:`GapLaw.fit`:
-
-* ``pooled=True`` (default): references and training points are one i.i.d. sample of the task
-  distribution (held-out data from the same source). They are pooled into :math:`N = n + m` points
-  and every point acts as a reference to the others (leave-one-out), so the gap is measured up to
-  size :math:`N - 1` with :math:`N` terms instead of :math:`m`. Valid only when :math:`\pi = q`;
-  :meth:`GapLaw.fit` warns when the references' gap to the training set disagrees with the law.
-* ``pooled=False``: the references only query the training set, which estimates
-  :math:`\int \pi\, q^{-p/d}` whatever the two densities are (e.g. a shifted test set), at the price
-  of more noise and a longer extrapolation.
+It predicts (:meth:`GapLaw.predict`, :meth:`GapLaw.predict_interval`, :meth:`GapLaw.samples_for`),
+serialises (:meth:`GapLaw.state_dict`, :meth:`GapLaw.from_state_dict`) and is built by
+:meth:`GapLaw.fit` (which measures the curve with
+:func:`~gapcallback.functional.gap_curve.measure_gap_curve` and fits it with
+:func:`~gapcallback.law.fit.fit_law`), :meth:`GapLaw.from_curve` or :meth:`GapLaw.from_gaps`.
+The mathematics is in :mod:`gapcallback.law`.
 """
 
 from __future__ import annotations
@@ -50,10 +18,21 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from scipy import special, stats
 from torch import Tensor
 
-from gapcallback.functional.nearest_neighbours import KNNResult, exact_knn
+from gapcallback.functional.gap_curve import (
+    GapCurve,
+    as_generator,
+    gap_size_grid,
+    measure_gap_curve,
+)
+from gapcallback.law.fit import (
+    LawFit,
+    band_half_width,
+    curvature_bias,
+    default_fit_min_size,
+    fit_law,
+)
 from gapcallback.utils.checks import (
     check_bool,
     check_exponent,
@@ -74,30 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GapLaw"]
 
-
-def knn(
-    queries: Tensor,
-    points: Tensor,
-    k: int = 1,
-    *,
-    exclude_self: bool = False,
-    symmetry: Symmetry | None = None,
-) -> KNNResult:
-    """The fit's searches: exact float64 squared distances whatever the inputs' dtype (every
-    term is taken to the power p in float64 anyway), errors naming ``train``/``reference``."""
-    return exact_knn(
-        queries,
-        points,
-        k,
-        exclude_self=exclude_self,
-        symmetry=symmetry,
-        names=("train", "reference"),
-    )
-
-
 _STATE_VERSION = 1
-_NUM_BOOTSTRAP = 400
-_SHARED_NEIGHBOURS = 5  # neighbours of the one pool-wide search that most block searches reuse
 
 
 class GapLaw:
@@ -138,6 +94,10 @@ class GapLaw:
         group_size: :math:`|G|` of a finite symmetry group (1 without symmetry).
         reference_gap: gap of the references to the full training set (``nan`` for
             :meth:`from_gaps`).
+        curve: the :class:`~gapcallback.functional.gap_curve.GapCurve` the law was fitted on
+            (:meth:`fit`, :meth:`from_curve`; its per-point terms, e.g. each reference's distance
+            to the training set, serve callers without another search), ``None`` otherwise. Not
+            part of :meth:`state_dict`.
 
     Raises:
         TypeError, ValueError: a constructor argument of the wrong type or out of range (the
@@ -222,6 +182,7 @@ class GapLaw:
         self.pooled = check_bool(pooled, "pooled")
         self.group_size = check_positive_int(_as_int(group_size, "group_size"), "group_size")
         self.reference_gap = _check_spread(reference_gap, "reference_gap")
+        self.curve: GapCurve | None = None
 
     # ------------------------------------------------------------------ fitting
 
@@ -379,17 +340,14 @@ class GapLaw:
         )
         repeats, k, dimension = options["repeats"], options["k"], options["dimension"]
         _check_symmetry(symmetry)
-        generator = _generator(seed)
+        generator = as_generator(seed)
         train = check_point_set(train, "train")
         reference = check_point_set(reference, "reference")
         check_same_device(train, reference, "train", "reference")
         check_same_features(train, reference, "train", "reference")
         group_size = _group_size(group_size, symmetry, train)
 
-        n = train.shape[0]
-        m = reference.shape[0]
-        pool = torch.cat([train, reference]) if pooled else train
-        n_max = pool.shape[0] - 1 if pooled else n
+        n_max = train.shape[0] + reference.shape[0] - 1 if pooled else train.shape[0]
         sizes_t = _size_grid(sizes, num_sizes, n_max, pooled)
         fit_min = None if fit_min_size is None else float(fit_min_size)
         in_fit = sizes_t >= (fit_min or 0.0) - 1e-9
@@ -403,67 +361,25 @@ class GapLaw:
             raise ValueError(
                 f"`k`={k} exceeds the {n_max} points available at the largest size; lower `k`."
             )
-
-        # One search of the whole pool serves the anchor (its k-th neighbours), the largest size
-        # and the references' gap (its first neighbours), and most points of every pass (see
-        # _partition_terms): the nearest neighbour of a point within its block is the first of
-        # its neighbours that lies in the block, exactly.
-        shared_k = min(max(k, _SHARED_NEIGHBOURS), n_max)
-        if pooled:
-            shared = knn(pool, pool, shared_k, exclude_self=True, symmetry=symmetry)
-        else:
-            shared = knn(reference, train, shared_k, symmetry=symmetry)
-
-        # Per-point gap terms ||y - nearest||^p for every (size, repeat).
-        cells: list[list[Tensor]] = []
-        for size in sizes_t.long().tolist():
-            passes = 1 if size == n_max else repeats
-            row = []
-            for _ in range(passes):
-                row.extend(
-                    _partition_terms(pool, reference, size, p, pooled, symmetry, generator, shared)
-                )
-            cells.append(row)
-        _check_nonzero(cells, sizes_t, pooled)
-
-        # LPS anchor at the full size: k-th neighbour distances of every query.
-        rho = shared.sq_dists[:, k - 1]
-        anchor_size = float(pool.shape[0] - 1) if pooled else float(n)
-        rho_p = _power(rho, p)
-        if not bool((rho_p > 0).any()):
-            raise ValueError(_zero_gap_message(n_max, pooled))
-        anchor_mean = float(rho_p.mean())
-        anchor_se = float(rho_p.std()) / math.sqrt(rho_p.numel()) if rho_p.numel() > 1 else 0.0
-
-        means = torch.tensor(
-            [float(torch.stack([c.mean() for c in row]).mean()) for row in cells],
-            dtype=torch.float64,
-        )
-        if fit_min is None:
-            fit_min = _default_fit_min(sizes_t, means, p, n_max)
-            in_fit = sizes_t >= fit_min - 1e-9
-        law = cls._from_cells(
-            cells,
+        curve = measure_gap_curve(
+            train,
+            reference,
             sizes_t,
-            means,
-            in_fit,
             p=p,
+            repeats=repeats,
             k=k,
-            dimension=dimension,
-            anchor_size=anchor_size,
-            anchor_mean=anchor_mean,
-            anchor_se=anchor_se,
-            generator=generator,
-            n_train=n,
-            fit_min=fit_min,
             pooled=pooled,
-            group_size=group_size,
+            symmetry=symmetry,
+            generator=generator,
         )
-        reference_terms = _power(_reference_sq_dists(train, reference, pooled, symmetry, shared), p)
-        law.reference_gap = float(reference_terms.mean())
-        if pooled:
-            _check_pooling(law, reference_terms, m)
-        return law
+        return cls._from_curve(
+            curve,
+            dimension=dimension,
+            fit_min_size=fit_min,
+            group_size=group_size,
+            generator=generator,
+            stacklevel=3,
+        )
 
     @classmethod
     def from_gaps(
@@ -522,11 +438,11 @@ class GapLaw:
             raise ValueError(
                 f"Fewer than 2 sizes are >= fit_min_size={fit_min:g}; lower it or add sizes."
             )
-        cells = [[g.reshape(1)] for g in gaps_t]
-        law = cls._from_cells(
-            cells,
+        fitted = fit_law(
             sizes_t,
             gaps_t,
+            [g.reshape(1) for g in gaps_t],
+            [s.reshape(1) for s in std_t],
             in_fit,
             p=p,
             k=1,
@@ -534,132 +450,167 @@ class GapLaw:
             anchor_size=float(sizes_t[-1]),
             anchor_mean=float(gaps_t[-1]),
             anchor_se=float(std_t[-1]),
-            generator=_generator(seed),
+            generator=as_generator(seed),
+            stacklevel=3,
+        )
+        return cls._from_fit(
+            fitted,
+            p=p,
             n_train=round(float(sizes_t[-1])),
-            fit_min=fit_min,
+            sizes=sizes_t,
+            gaps=gaps_t,
+            fit_min_size=fit_min,
+            anchor_size=float(sizes_t[-1]),
+            k=1,
             pooled=False,
             group_size=1,
-            cell_se=std_t,
         )
+
+    @classmethod
+    def from_curve(
+        cls,
+        curve: GapCurve,
+        *,
+        fit_min_size: float | None = None,
+        dimension: float | None = None,
+        group_size: int = 1,
+        seed: int | torch.Generator = 0,
+    ) -> GapLaw:
+        r"""Fit the law to a curve measured by :func:`~gapcallback.functional.gap_curve.measure_gap_curve`.
+
+        :meth:`fit` is ``measure_gap_curve`` followed by this (with the same generator), so
+        ``GapLaw.from_curve(curve, seed=g)`` after ``curve = measure_gap_curve(..., generator=g)``
+        reproduces it; measuring once and fitting with several options costs no search.
+
+        Args:
+            curve: the measured :class:`~gapcallback.functional.gap_curve.GapCurve`.
+            fit_min_size: smallest size used in the slope fit (default: see :meth:`fit`).
+            dimension: fix ``d`` instead of fitting it.
+            group_size: :math:`|G|` for :attr:`orbit_constant`.
+            seed: int seed or CPU ``torch.Generator`` for the bootstrap.
+
+        Returns:
+            The fitted :class:`GapLaw`; its :attr:`curve` is ``curve``.
+
+        Raises:
+            ValueError: a zero gap (duplicates), fewer than two sizes ``>= fit_min_size``, or a
+                gap that does not decrease with ``n``.
+        """
+        if not isinstance(curve, GapCurve):
+            raise TypeError(
+                "`curve` must be a GapCurve from gapcallback.functional.gap_curve.measure_gap_curve,"
+                f" got {type(curve).__name__}."
+            )
+        if dimension is not None:
+            dimension = _check_dimension(dimension)
+        if fit_min_size is not None:
+            fit_min_size = float(check_number(fit_min_size, "fit_min_size", minimum=1.0))
+        group_size = check_positive_int(_as_int(group_size, "group_size"), "group_size")
+        return cls._from_curve(
+            curve,
+            dimension=dimension,
+            fit_min_size=fit_min_size,
+            group_size=group_size,
+            generator=as_generator(seed),
+            stacklevel=3,
+        )
+
+    @classmethod
+    def _from_curve(
+        cls,
+        curve: GapCurve,
+        *,
+        dimension: float | None,
+        fit_min_size: float | None,
+        group_size: int,
+        generator: torch.Generator,
+        stacklevel: int,
+    ) -> GapLaw:
+        """:meth:`from_curve` on checked arguments (``stacklevel``: the user's frame for warnings)."""
+        sizes, means, p = curve.sizes, curve.gaps, curve.p
+        for size, row in zip(sizes.tolist(), curve.subset_gaps, strict=True):
+            if bool((row == 0).any()):
+                raise ValueError(_zero_gap_message(size, curve.pooled))
+        rho_p = curve.neighbour_terms  # LPS anchor at the full size: k-th neighbour terms
+        if not bool((rho_p > 0).any()):
+            raise ValueError(_zero_gap_message(curve.anchor_size, curve.pooled))
+        anchor_mean = float(rho_p.mean())
+        anchor_se = float(rho_p.std()) / math.sqrt(rho_p.numel()) if rho_p.numel() > 1 else 0.0
+        if fit_min_size is None:
+            fit_min = default_fit_min_size(sizes, means, p, curve.anchor_size)
+        else:
+            fit_min = float(fit_min_size)
+        in_fit = sizes >= fit_min - 1e-9
+        if dimension is None and int(in_fit.sum()) < 2:
+            raise ValueError(
+                f"Only {int(in_fit.sum())} of the sizes {sizes.long().tolist()} are >= "
+                f"fit_min_size={fit_min:g}; the slope needs at least 2. Lower `fit_min_size`."
+            )
+        fitted = fit_law(
+            sizes,
+            means,
+            curve.subset_gaps,
+            curve.subset_stderr,
+            in_fit,
+            p=p,
+            k=curve.k,
+            dimension=dimension,
+            anchor_size=curve.anchor_size,
+            anchor_mean=anchor_mean,
+            anchor_se=anchor_se,
+            generator=generator,
+            stacklevel=stacklevel + 1,
+        )
+        law = cls._from_fit(
+            fitted,
+            p=p,
+            n_train=curve.n_train,
+            sizes=sizes,
+            gaps=means,
+            fit_min_size=fit_min,
+            anchor_size=curve.anchor_size,
+            k=curve.k,
+            pooled=curve.pooled,
+            group_size=group_size,
+        )
+        reference_terms = curve.reference_sq_dists
+        if p != 2.0:
+            reference_terms = reference_terms.pow(p / 2.0)
+        law.reference_gap = float(reference_terms.mean())
+        law.curve = curve
+        if curve.pooled:
+            _check_pooling(law, reference_terms, reference_terms.numel(), stacklevel + 1)
         return law
 
     @classmethod
-    def _from_cells(
+    def _from_fit(
         cls,
-        cells: list[list[Tensor]],
-        sizes: Tensor,
-        means: Tensor,
-        in_fit: Tensor,
+        fitted: LawFit,
         *,
         p: float,
-        k: int,
-        dimension: float | None,
-        anchor_size: float,
-        anchor_mean: float,
-        anchor_se: float,
-        generator: torch.Generator,
         n_train: int,
-        fit_min: float,
+        sizes: Tensor,
+        gaps: Tensor,
+        fit_min_size: float,
+        anchor_size: float,
+        k: int,
         pooled: bool,
         group_size: int,
-        cell_se: Tensor | None = None,
     ) -> GapLaw:
-        """Point estimate and bootstrap of the law from per-size, per-repeat measurements."""
-        log_n = sizes.log()
-        if dimension is None:
-            slope = _ols_slope(log_n[in_fit], means[in_fit].log())
-            if not slope < 0.0:
-                raise ValueError(
-                    f"The gap does not decrease with the training-set size (fitted slope {slope:.3g}"
-                    f" of log R vs log n over sizes {sizes[in_fit].long().tolist()}, gaps "
-                    f"{[f'{g:.3g}' for g in means[in_fit].tolist()]}). Either the sizes are too "
-                    "small to leave the pre-asymptotic regime, the references are far from the "
-                    "training distribution, or the data are (near-)duplicated; use more points, "
-                    "larger `sizes`, or fix `dimension`."
-                )
-            d = -p / slope
-        else:
-            d = dimension
-
-        # Bootstrap: resample the subsets' gap estimates per size (or perturb a single estimate
-        # by its standard error over its per-point terms), refit the slope; perturb the anchor.
-        boot = _NUM_BOOTSTRAP
-        boot_means = torch.empty(boot, sizes.numel(), dtype=torch.float64)
-        for i, row in enumerate(cells):
-            cell_means = torch.stack([c.mean() for c in row])
-            if cell_se is not None:
-                cell_sds = cell_se[i].reshape(1)
-            else:
-                cell_sds = torch.stack(
-                    [
-                        c.std() / math.sqrt(c.numel()) if c.numel() > 1 else c.new_zeros(())
-                        for c in row
-                    ]
-                )
-            if len(row) >= 2:  # blocks are i.i.d. estimates: resample them
-                pick = torch.randint(len(row), (boot, len(row)), generator=generator)
-                draws = cell_means[pick]
-            else:  # a single measurement: perturb it by its standard error
-                noise = torch.randn(boot, 1, generator=generator, dtype=torch.float64)
-                draws = cell_means + cell_sds * noise
-            boot_means[:, i] = draws.mean(dim=1)
-        boot_means = boot_means.clamp_min(torch.finfo(torch.float64).tiny)
-        gaps_std = boot_means.std(dim=0)
-        anchor_draws = anchor_mean + anchor_se * torch.randn(
-            boot, generator=generator, dtype=torch.float64
-        )
-        if dimension is None:
-            slopes = _ols_slope(log_n[in_fit], boot_means[:, in_fit].log())
-            good = (slopes < 0) & (anchor_draws > 0)
-            inv_d = -slopes[good] / p
-            anchor_draws = anchor_draws[good]
-        else:
-            good = anchor_draws > 0
-            inv_d = torch.full((int(good.sum()),), 1.0 / d, dtype=torch.float64)
-            anchor_draws = anchor_draws[good]
-        if inv_d.numel() < boot // 2:
-            warnings.warn(
-                "More than half of the bootstrap fits gave a non-decreasing gap; the dimension and"
-                " its uncertainty are unreliable. Use more points or repeats.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        log_j_draws = _log_constant(anchor_draws, anchor_size, p, inv_d, k)
-        log_j = float(
-            _log_constant(
-                torch.tensor([anchor_mean], dtype=torch.float64),
-                anchor_size,
-                p,
-                torch.tensor([1.0 / d], dtype=torch.float64),
-                k,
-            )[0]
-        )
-        if inv_d.numel() >= 2:
-            stacked = torch.stack([log_j_draws, inv_d])
-            covariance = torch.cov(stacked)
-            d_std = float((1.0 / inv_d).std()) if dimension is None else 0.0
-            j_std = float(log_j_draws.exp().std())
-            # Bootstrap slopes near 0 give unbounded draws (inf): the spread is unknown.
-            d_std, j_std = (v if math.isfinite(v) else math.nan for v in (d_std, j_std))
-        else:
-            covariance = torch.zeros(2, 2, dtype=torch.float64)
-            d_std = j_std = math.nan
-        constant = math.exp(log_j)
-        anchor_gap = constant * anchor_size ** (-p / d)
         return cls(
-            dimension=d,
-            constant=constant,
+            dimension=fitted.dimension,
+            constant=fitted.constant,
             p=p,
-            dimension_std=d_std,
-            constant_std=j_std,
-            covariance=covariance.tolist(),
+            dimension_std=fitted.dimension_std,
+            constant_std=fitted.constant_std,
+            covariance=fitted.covariance.tolist(),
             n_train=n_train,
             sizes=sizes,
-            gaps=means,
-            gaps_std=gaps_std,
-            fit_min_size=fit_min,
+            gaps=gaps,
+            gaps_std=fitted.gaps_std,
+            fit_min_size=fit_min_size,
             anchor_size=anchor_size,
-            anchor_gap=anchor_gap,
+            anchor_gap=fitted.anchor_gap,
             k=k,
             pooled=pooled,
             group_size=group_size,
@@ -705,12 +656,27 @@ class GapLaw:
     def predict_interval(
         self, n: float | Tensor | Sequence[float], level: float = 0.9
     ) -> tuple[float, float] | tuple[Tensor, Tensor]:
-        r"""Uncertainty band of :meth:`predict` at ``n``: ``(low, high)``.
+        r"""Uncertainty band of :meth:`predict` at ``n``: ``(low, high)``, centred on it in log scale.
 
-        :math:`\log R(n) = \log J - p\,(1/d)\log n` is linear in :math:`(\log J, 1/d)`, whose joint
-        covariance comes from the bootstrap in :meth:`fit`; the band is the Gaussian quantile
-        interval of :math:`\log R(n)` at ``level``. It reflects sampling noise (subsets, points,
-        repeats), not model misfit at sizes far outside the measured range.
+        Two errors make up the band, both in :math:`\log R(n)`:
+
+        * sampling noise: :math:`\log R(n) = \log J - p\,(1/d)\log n` is linear in
+          :math:`(\log J, 1/d)`, whose joint covariance comes from the bootstrap in :meth:`fit`
+          (variance :math:`v(n)`);
+        * curvature: at finite sizes the measured curve is not straight in log-log (finite-size
+          corrections of relative size :math:`n^{-\theta}`, :math:`\theta = \min(1, 2/d)`), so
+          the slope fitted on the grid is not the slope beyond it. A fit of the curve with that
+          correction (:func:`~gapcallback.law.fit.curvature_bias`, from :attr:`sizes`,
+          :attr:`gaps` and :attr:`gaps_std`) estimates the straight law's systematic error
+          :math:`b(n)`, the curve's value at ``n`` minus the law's, with variance
+          :math:`v_b(n)`; at the anchor it is the difference between the gap measured there and
+          the anchor's LPS estimate.
+
+        The error is then taken as :math:`N(b(n), v(n) + v_b(n))` and the band is the shortest
+        interval centred on :meth:`predict` that holds ``level`` of it
+        (:func:`~gapcallback.law.fit.band_half_width`; :math:`z\sqrt{v}` when the curve is
+        straight). With fewer than 4 sizes or unknown ``gaps_std`` only the sampling noise counts.
+        Neither covers a change of regime outside the measured range that the curve does not show.
         """
         if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
             raise ValueError(f"`level` must be a probability in (0, 1), got {level!r}.")
@@ -718,7 +684,18 @@ class GapLaw:
         log_n = n_t.log()
         cov = self._covariance
         var = cov[0, 0] - 2 * self.p * log_n * cov[0, 1] + (self.p * log_n) ** 2 * cov[1, 1]
-        half = float(stats.norm.ppf(0.5 + level / 2)) * var.clamp_min(0).sqrt()
+        curvature = curvature_bias(
+            self.sizes,
+            self.gaps,
+            self.gaps_std,
+            n_t,
+            p=self.p,
+            dimension=self.dimension,
+            anchor_size=self.anchor_size,
+            anchor_gap=self.anchor_gap,
+        )
+        sigma = (var.clamp_min(0) + curvature.variance).sqrt()
+        half = band_half_width(sigma, curvature.bias, level)
         centre = math.log(self.constant) - self.p / self.dimension * log_n
         low, high = (centre - half).exp(), (centre + half).exp()
         if scalar:
@@ -735,12 +712,28 @@ class GapLaw:
         out = (self.constant / target).pow(self.dimension / self.p)
         return float(out) if scalar else out
 
+    def effective_size(self, observed: float) -> float:
+        r"""The training-set size at which the law reaches the gap ``observed``: :math:`(J/R)^{d/p}`.
+
+        :meth:`samples_for` restricted to the sizes the law supports: ``nan`` below the smallest
+        measured size (a model far from the law, or samples on another scale) and where
+        ``observed <= 0`` (infinite). Values above :attr:`n_train` are extrapolations.
+        """
+        if not observed > 0:
+            return math.nan
+        effective = float(self.samples_for(float(observed)))
+        lowest = float(self.sizes.min()) if self.sizes.numel() else 1.0
+        if not (math.isfinite(effective) and effective >= lowest):
+            return math.nan
+        return effective
+
     # ------------------------------------------------------------------ plotting
 
     def plot(
         self, ax: Axes | None = None, n_max: float | None = None, *, level: float = 0.9
     ) -> tuple[Figure, Axes]:
-        """Log-log plot of the measured gaps (with error bars), the fitted law and its band.
+        """Log-log plot of the measured gaps, the fitted law and its band
+        (:func:`gapcallback.plotting.plot_law`).
 
         Args:
             ax: matplotlib ``Axes`` to draw on; a new figure when ``None``.
@@ -750,50 +743,9 @@ class GapLaw:
         Returns:
             ``(figure, axes)``.
         """
-        from gapcallback.plotting import require_matplotlib
+        from gapcallback.plotting import plot_law
 
-        plt = require_matplotlib("GapLaw.plot")
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(5, 4))
-        else:
-            fig = ax.figure
-        lo = float(self.sizes.min()) if self.sizes.numel() else 1.0
-        hi_default = 4.0 * float(self.sizes.max()) if self.sizes.numel() else 1e4
-        hi = hi_default if n_max is None else float(n_max)
-        if not hi > lo:
-            raise ValueError(f"`n_max` must exceed the smallest size {lo:g}, got {n_max}.")
-        grid = torch.logspace(math.log10(lo), math.log10(hi), 100, dtype=torch.float64)
-        low, high = self.predict_interval(grid, level)
-        ax.fill_between(
-            grid.numpy(),
-            low.numpy(),
-            high.numpy(),
-            alpha=0.25,
-            color="C0",
-            label=f"{round(level * 100)}% band",
-        )
-        ax.plot(
-            grid.numpy(),
-            self.predict(grid).numpy(),
-            color="C0",
-            label=f"$R_n = {self.constant:.3g}\\,n^{{-{self.p:g}/{self.dimension:.2f}}}$",
-        )
-        if self.sizes.numel():
-            ax.errorbar(
-                self.sizes.numpy(),
-                self.gaps.numpy(),
-                yerr=self.gaps_std.numpy(),
-                fmt="o",
-                color="C1",
-                ms=4,
-                label="measured",
-            )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training-set size n")
-        ax.set_ylabel(f"representation gap $R_n$ (p={self.p:g})")
-        ax.legend()
-        return fig, ax
+        return plot_law(self, ax=ax, n_max=n_max, level=level)
 
     # ------------------------------------------------------------------ (de)serialisation
 
@@ -933,15 +885,6 @@ def _check_sizes_values(sizes: object) -> None:
         raise ValueError(f"`sizes` must be strictly increasing, got {values}.")
 
 
-def _generator(seed: int | torch.Generator) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        if seed.device.type != "cpu":
-            raise ValueError("`seed` must be an int or a CPU torch.Generator.")
-        return seed
-    seed = check_positive_int(seed, "seed", minimum=0)
-    return torch.Generator().manual_seed(seed)
-
-
 def _check_dimension(dimension: object) -> float:
     if isinstance(dimension, bool) or not isinstance(dimension, (int, float)):
         raise TypeError(f"`dimension` must be a positive number or None, got {dimension!r}.")
@@ -962,6 +905,7 @@ def _group_size(group_size: int | None, symmetry: Symmetry | None, train: Tensor
 def _size_grid(
     sizes: Sequence[int] | Tensor | None, num_sizes: int, n_max: int, pooled: bool
 ) -> Tensor:
+    """The fit's sizes: ``num_sizes`` geometric from ``n_max / 16`` to ``n_max``, or ``sizes``."""
     what = "n + m - 1 (pooled training and reference points)" if pooled else "n (training points)"
     if sizes is None:
         num_sizes = check_positive_int(num_sizes, "num_sizes", minimum=3)
@@ -970,12 +914,7 @@ def _size_grid(
                 f"The default size grid runs from n_max/16 to n_max = {what} = {n_max}, which needs"
                 " n_max >= 32; pass more points or explicit `sizes`."
             )
-        grid = torch.logspace(
-            math.log10(n_max / 16), math.log10(n_max), num_sizes, dtype=torch.float64
-        )
-        grid = torch.unique(grid.round())
-        grid[-1] = n_max
-        return grid
+        return gap_size_grid(n_max, num_sizes, n_max / 16)
     _check_sizes_values(sizes)
     values = [int(v) for v in (sizes.reshape(-1).tolist() if isinstance(sizes, Tensor) else sizes)]
     if values[-1] > n_max:
@@ -984,138 +923,6 @@ def _size_grid(
             " smaller sizes."
         )
     return torch.tensor(values, dtype=torch.float64)
-
-
-def _power(sq_dists: Tensor, p: float) -> Tensor:
-    """``(d^2)^(p/2)`` in float64 on CPU."""
-    values = sq_dists.detach().to(device="cpu", dtype=torch.float64)
-    return values if p == 2.0 else values.pow(p / 2.0)
-
-
-def _partition_terms(
-    pool: Tensor,
-    reference: Tensor,
-    size: int,
-    p: float,
-    pooled: bool,
-    symmetry: Symmetry | None,
-    generator: torch.Generator,
-    shared: KNNResult,
-) -> list[Tensor]:
-    """One pass at ``size``: per-query ``||y - nearest||^p`` for disjoint random subsets.
-
-    The pool is shuffled and cut into ``len(pool) // block`` disjoint blocks (``block = size + 1``
-    when pooled: each point of a block is a reference to the ``size`` others; ``block = size``
-    otherwise: the references query each block). Every block is an i.i.d. sample of the right size,
-    so each block's mean is an unbiased gap estimate, and together they use every point once.
-
-    ``shared`` holds the ``K`` nearest neighbours of every query in the whole pool (leave-one-out
-    when pooled), ascending. A query's nearest neighbour within a block is the first of its ``K``
-    neighbours that lies in that block, whenever one does: any block member outside the list is
-    at least as far as the ``K``-th neighbour. The distance is then read off the list, exactly as
-    a search of the block would return it. Only the (query, block) pairs with no listed neighbour
-    in the block are searched, within their block: the result equals one exact search per block.
-    """
-    block = size + 1 if pooled else size
-    total = pool.shape[0]
-    if block >= total:  # one block, the whole pool: the first shared neighbour
-        return [_power(shared.sq_dists[:, 0], p)]
-    order = torch.randperm(total, generator=generator).to(pool.device)
-    num_blocks = total // block
-    members = order[: num_blocks * block].view(num_blocks, block)
-    labels = torch.full((total,), -1, dtype=torch.long, device=pool.device)
-    labels[members] = torch.arange(num_blocks, device=pool.device)[:, None]
-    neighbour_labels = labels[shared.indices]  # [queries, K]; -1: not in any block
-    if pooled:
-        # Point i of block b: its first listed neighbour with label b.
-        same = (
-            neighbour_labels[members] == torch.arange(num_blocks, device=pool.device)[:, None, None]
-        )
-        found = same.any(dim=2)
-        first = same.to(torch.uint8).argmax(dim=2, keepdim=True)
-        sq = shared.sq_dists[members].gather(2, first).squeeze(2)  # [blocks, block]
-        out = []
-        for b in range(num_blocks):
-            missing = (~found[b]).nonzero().squeeze(1)
-            if missing.numel():
-                subset = pool[members[b]]
-                if 2 * missing.numel() >= block:  # most of the block: one leave-one-out search
-                    sq[b] = knn(subset, subset, 1, exclude_self=True, symmetry=symmetry).sq_dists[
-                        :, 0
-                    ]
-                else:
-                    sq[b, missing] = _nearest_other(subset, missing, symmetry)
-            out.append(_power(sq[b], p))
-        return out
-    # Unpooled: every reference queries every block; mark the (reference, block) pairs found.
-    num_queries, k = neighbour_labels.shape
-    sq = torch.empty(num_queries, num_blocks, dtype=shared.sq_dists.dtype, device=pool.device)
-    found = torch.zeros(num_queries, num_blocks, dtype=torch.bool, device=pool.device)
-    rows = torch.arange(num_queries, device=pool.device)
-    for col in reversed(range(k)):  # the nearest listed neighbour of each block is written last
-        listed = neighbour_labels[:, col] >= 0
-        r, lab = rows[listed], neighbour_labels[listed, col]
-        sq[r, lab] = shared.sq_dists[listed, col]
-        found[r, lab] = True
-    out = []
-    for b in range(num_blocks):
-        missing = (~found[:, b]).nonzero().squeeze(1)
-        if 2 * missing.numel() >= num_queries:  # most references: search them all
-            sq[:, b] = knn(reference, pool[members[b]], 1, symmetry=symmetry).sq_dists[:, 0]
-        elif missing.numel():
-            subset = pool[members[b]]
-            sq[missing, b] = knn(reference[missing], subset, 1, symmetry=symmetry).sq_dists[:, 0]
-        out.append(_power(sq[:, b], p))
-    return out
-
-
-def _nearest_other(subset: Tensor, rows: Tensor, symmetry: Symmetry | None) -> Tensor:
-    """Squared distance from ``subset[rows]`` to the nearest *other* point of ``subset``.
-
-    A point is its own nearest neighbour (distance 0), so it is among the two nearest; the other
-    one of the two is the answer (a duplicate, at distance 0, when there is one).
-    """
-    result = knn(subset[rows], subset, 2, symmetry=symmetry)
-    is_self = result.indices[:, 0] == rows
-    return torch.where(is_self, result.sq_dists[:, 1], result.sq_dists[:, 0])
-
-
-def _reference_sq_dists(
-    train: Tensor, reference: Tensor, pooled: bool, symmetry: Symmetry | None, shared: KNNResult
-) -> Tensor:
-    """``[m]`` squared distances of the references to their nearest training point.
-
-    Unpooled, the first shared neighbour. Pooled, the shared search ran over ``cat(train,
-    reference)``: the first listed neighbour with an index below ``n`` is the nearest training
-    point (exactly); the few references with none listed are searched in ``train``.
-    """
-    if not pooled:
-        return shared.sq_dists[:, 0]
-    n = train.shape[0]
-    indices = shared.indices[n:]
-    in_train = indices < n
-    found = in_train.any(dim=1)
-    first = in_train.to(torch.uint8).argmax(dim=1, keepdim=True)
-    sq = shared.sq_dists[n:].gather(1, first).squeeze(1)
-    missing = (~found).nonzero().squeeze(1)
-    if missing.numel():
-        sq[missing] = knn(reference[missing], train, 1, symmetry=symmetry).sq_dists[:, 0]
-    return sq
-
-
-def _default_fit_min(sizes: Tensor, means: Tensor, p: float, n_max: int) -> float:
-    """``n_max / clip(2^(8/d0), 4, 16)``, ``d0`` from the slope over the whole grid."""
-    positive = means > 0
-    slope = (
-        _ols_slope(sizes[positive].log(), means[positive].log())
-        if int(positive.sum()) >= 2
-        else 0.0
-    )
-    ratio = 4.0 if not slope < 0 else min(16.0, max(4.0, 2.0 ** (8.0 * -slope / p)))
-    fit_min = n_max / ratio
-    if int((sizes >= fit_min - 1e-9).sum()) < 2:  # short custom grids: keep at least two sizes
-        fit_min = float(sizes[-2])
-    return float(fit_min)
 
 
 def _zero_gap_message(size: float, pooled: bool) -> str:
@@ -1129,31 +936,6 @@ def _zero_gap_message(size: float, pooled: bool) -> str:
         "undefined. Remove duplicates (e.g. `train = torch.unique(train, dim=0)`) and references "
         "that appear in the training set."
     )
-
-
-def _check_nonzero(cells: list[list[Tensor]], sizes: Tensor, pooled: bool) -> None:
-    for size, row in zip(sizes.tolist(), cells, strict=True):
-        if any(float(c.mean()) == 0.0 for c in row):
-            raise ValueError(_zero_gap_message(size, pooled))
-
-
-def _ols_slope(x: Tensor, y: Tensor) -> Tensor | float:
-    """Least-squares slope of ``y`` on ``x`` (``y`` ``[K]`` or batched ``[B, K]``)."""
-    xc = x - x.mean()
-    slope = (y - y.mean(dim=-1, keepdim=True)) @ xc / xc.square().sum()
-    return float(slope) if y.ndim == 1 else slope
-
-
-def _log_constant(
-    anchor_mean: Tensor, anchor_size: float, p: float, inv_d: Tensor, k: int
-) -> Tensor:
-    r"""LPS: :math:`\log J = \log[\Gamma(1+a)\Gamma(k)/\Gamma(k+a)\, N^{a}\, \overline{\rho^p}]`, a = p/d."""
-    a = p * inv_d
-    a_np = a.numpy()
-    log_gamma = torch.from_numpy(
-        special.gammaln(1.0 + a_np) + special.gammaln(k) - special.gammaln(k + a_np)
-    )
-    return log_gamma + a * math.log(anchor_size) + anchor_mean.log()
 
 
 def _as_vector(values: Sequence[float] | Tensor, name: str) -> Tensor:
@@ -1187,7 +969,7 @@ def _as_sizes(n: float | Tensor | Sequence[float], name: str) -> tuple[Tensor, b
     return n_t, scalar
 
 
-def _check_pooling(law: GapLaw, reference_terms: Tensor, m: int) -> None:
+def _check_pooling(law: GapLaw, reference_terms: Tensor, m: int, stacklevel: int) -> None:
     """Warn when references and training points do not look like one distribution."""
     measured = float(reference_terms.mean())
     predicted = law.predict(law.n_train)
@@ -1203,5 +985,5 @@ def _check_pooling(law: GapLaw, reference_terms: Tensor, m: int) -> None:
             " references and training points do not look like draws of one distribution. Refit"
             " with `pooled=False`, which estimates the gap of these references.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
