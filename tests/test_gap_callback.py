@@ -394,7 +394,7 @@ def test_resume_logs_what_an_uninterrupted_run_logs(tmp_path):
 
 def test_state_dict_round_trip():
     callback = gc.GapCallback(REFERENCE, train=TRAIN, **FAST)
-    callback._prepare_data()
+    callback.prepare_data()
     callback.history.append(
         {"evaluation": 0, "epoch": 0, "step": 4, "skipped": False, "gap/observed": 0.1}
     )
@@ -403,8 +403,52 @@ def test_state_dict_round_trip():
     other.load_state_dict(state)
     assert other.history == callback.history
     assert other.law.predict(200) == pytest.approx(callback.law.predict(200))
-    assert other.memorization_gap == callback.memorization_gap and other._data_ready
+    assert other.memorization_gap == callback.memorization_gap and other.data_ready
     assert math.isfinite(other.data_dimension)
+
+
+def test_prepare_data_is_public_read_only_and_idempotent():
+    callback = gc.GapCallback(REFERENCE, train=loader(TRAIN), **FAST)
+    assert callback.reference is None and callback.train is None and not callback.data_ready
+    callback.prepare_data()
+    assert callback.data_ready
+    assert torch.equal(callback.reference, REFERENCE)
+    assert sorted(map(tuple, callback.train.tolist())) == sorted(map(tuple, TRAIN.tolist()))
+    law_state, memorization_gap = callback.law.state_dict(), callback.memorization_gap
+    callback.prepare_data()  # nothing recomputed
+    assert callback.law.state_dict() == law_state and callback.memorization_gap == memorization_gap
+    with pytest.raises(AttributeError):
+        callback.reference = TRAIN  # type: ignore[misc]
+
+
+def test_memorization_line_reuses_the_law_search(monkeypatch):
+    """With the law fitted here, the references' gap to the training set is read off the law's
+    curve (its pool-wide search found every reference's nearest training point): no second search,
+    the same value as ``representation_gap``, bit for bit."""
+    import gapcallback.callbacks.gap_callback as module
+
+    calls = []
+    real = module.representation_gap
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "representation_gap", spy)
+    for pooled in (True, False):
+        options = {**FAST["law_options"], "pooled": pooled}
+        callback = gc.GapCallback(
+            REFERENCE, train=TRAIN, law_options=options, dimension_method=None
+        )
+        callback.prepare_data()
+        assert calls == []
+        assert callback.memorization_gap == float(representation_gap(REFERENCE, TRAIN))
+        assert callback.law.curve is not None
+    # Without a fitted law there is nothing to reuse: one search.
+    callback = gc.GapCallback(REFERENCE, train=TRAIN, law=False, dimension_method=None)
+    callback.prepare_data()
+    assert len(calls) == 1
+    assert callback.memorization_gap == float(representation_gap(REFERENCE, TRAIN))
 
 
 # ---------------------------------------------------------------------------------- DDP

@@ -86,7 +86,7 @@ def test_streaming_source_with_max_points(tmp_path):
     )
     trainer = make_trainer(tmp_path, [callback], epochs=1)
     trainer.fit(PointCloudModel(), loader(TRAIN))
-    assert callback._reference.shape == (100, 3)
+    assert callback.reference.shape == (100, 3)
     assert len(callback.history) == 1 and not callback.history[0]["skipped"]
 
 
@@ -292,6 +292,53 @@ def test_effective_n_inside_the_law_is_the_law_inverse():
     assert np.isnan(effective_training_size(law, 0.0))
 
 
+def test_values_are_a_pure_function_of_the_summed_counts():
+    """Local states -> one summed tensor -> pure derivation: what two ranks log depends on the sum
+    only, and a part that failed on one rank is left out on both."""
+    from gapcallback.callbacks.gap_values import (
+        SHARED_PARTS,
+        gap_values,
+        merge_failures,
+        pack_counts,
+        unpack_counts,
+    )
+
+    law = gc.GapLaw.from_gaps([100, 200, 400, 800], [0.4, 0.2, 0.1, 0.05])  # R = 40 / n
+    rank0 = pack_counts(3, 51, {})
+    rank1 = pack_counts(2, 50, {"id/samples": "ValueError: too few points"})
+    assert rank0.dtype == torch.float64 and rank0.numel() == 2 + len(SHARED_PARTS)
+    counts = unpack_counts(rank0 + rank1)  # what a sum over the two ranks returns
+    assert (counts.memorized, counts.drawn, counts.failed) == (5.0, 101.0, {"id/samples"})
+    assert merge_failures({}, counts) == {"id/samples": "it failed on another process"}
+    own = {"id/samples": "ValueError: too few points"}
+    assert merge_failures(own, counts) == own  # the own reason is kept
+    values = gap_values(0.02, counts=counts, memorization_gap=0.05, law=law, n_train=800)
+    assert values == {
+        "gap/observed": 0.02,
+        "gap/memorized_fraction": 5 / 101,
+        "gap/memorization": 0.05,
+        "gap/predicted": pytest.approx(0.05),
+        "id/law": pytest.approx(2.0),
+        "gap/effective_n": pytest.approx(2000),
+        "gap/ratio": pytest.approx(0.4),
+    }
+    # The same sum in any order, the same values; a failed memorization test anywhere: no key.
+    assert gap_values(0.02, counts=unpack_counts(rank1 + rank0), law=law) == gap_values(
+        0.02, counts=counts, law=law
+    )
+    broken = unpack_counts(rank0 + pack_counts(0, 50, {"gap/memorized_fraction": "boom"}))
+    assert "gap/memorized_fraction" not in gap_values(0.02, counts=broken)
+    assert gap_values(0.02, memorization_gap=0.01) == {
+        "gap/observed": 0.02,
+        "gap/memorization": 0.01,
+        "gap/ratio": 2.0,
+    }
+    with pytest.raises(ValueError, match="not both"):
+        gap_values(0.02, counts=counts, memorized_fraction=0.1)
+    with pytest.raises(ValueError, match="packed counts"):
+        unpack_counts(torch.zeros(3))
+
+
 # ---------------------------------------------------------------------------------- outputs
 
 
@@ -329,7 +376,7 @@ def test_figure_cadence_and_same_step_as_the_scalars(tmp_path):
 
 def test_figure_shows_memorized_fraction_and_a_colour_bar():
     callback = gc.GapCallback(REFERENCE, train=TRAIN, **FAST)
-    callback._prepare_data()
+    callback.prepare_data()
     for i, (gap, frac) in enumerate([(0.05, 0.0), (0.01, 0.2), (0.004, 0.6)]):
         callback.history.append(
             {

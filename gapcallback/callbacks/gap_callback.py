@@ -26,7 +26,11 @@ key                               meaning
 ================================  ==================================================================
 
 Everything that depends only on the data (law fit, ``id/data``, the memorization line) is
-computed once at the start of fitting and kept in the callback's ``state_dict``.
+computed once at the start of fitting (or by :meth:`GapCallback.prepare_data`) and kept in the
+callback's ``state_dict``; the memorization line is read off the law's measured curve (each
+reference's distance to the training set) rather than searched again. The logged values are
+derived from the reduced states by the pure functions of
+:mod:`gapcallback.callbacks.gap_values`.
 """
 
 from __future__ import annotations
@@ -44,9 +48,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from gapcallback.callbacks.gap_values import gap_values
+from gapcallback.callbacks.gap_values import (
+    gap_values,
+    merge_failures,
+    pack_counts,
+    unpack_counts,
+)
 from gapcallback.functional.dimension import check_dimension_method, intrinsic_dimension
-from gapcallback.functional.gap import representation_gap
+from gapcallback.functional.gap import gap_value, representation_gap
 from gapcallback.functional.memorized import memorization
 from gapcallback.law import GapLaw
 from gapcallback.metrics.intrinsic_dimension import IntrinsicDimension
@@ -58,6 +67,7 @@ from gapcallback.utils.checks import (
     check_number,
     check_optional_int,
     check_positive_int,
+    compute_dtype,
 )
 from gapcallback.utils.data import Transform, check_data_source, collect_points
 from gapcallback.utils.log import get_logger
@@ -97,6 +107,9 @@ class _EvaluationFault(Exception):
 
 _MEASURE_BLOCK_VALUES = 1 << 22
 """Samples are measured in blocks of up to this many values (16 MB in float32)."""
+
+_DATA_SEED = 0xDA7A
+"""Mixed into the callback's seed for the data preparation's random streams."""
 
 
 class GapCallback(Callback):
@@ -165,6 +178,10 @@ class GapCallback(Callback):
         preparation_failures: data-only parts that could not be computed (``"gap/predicted"``,
             ``"id/data"``) -> reason.
         scale_warning: the value-range warning of the first evaluation, or ``None``.
+        reference: the reference points as measured (after ``transform`` and ``max_points``),
+            ``None`` before :meth:`prepare_data` (read-only).
+        train: the training points likewise (``None`` without ``train``; read-only).
+        data_ready: whether the data-only quantities are computed or restored (read-only).
 
     Example::
 
@@ -319,6 +336,34 @@ class GapCallback(Callback):
         """The logged key for ``name`` (``"gap/observed"`` -> ``prefix + "gap/observed"``)."""
         return f"{self.prefix}{name}"
 
+    @property
+    def reference(self) -> Tensor | None:
+        """The reference points as measured (after ``transform`` and ``max_points``); ``None``
+        before :meth:`prepare_data` (or the start of fitting) materialised them."""
+        return self._reference
+
+    @property
+    def train(self) -> Tensor | None:
+        """The training points as measured; ``None`` without ``train`` or before preparation."""
+        return self._train
+
+    @property
+    def data_ready(self) -> bool:
+        """Whether the data-only quantities (law, ``id/data``, memorization line) are computed,
+        here or restored from a checkpoint."""
+        return self._data_ready
+
+    def prepare_data(self) -> None:
+        """Materialise ``reference``/``train`` and compute the data-only quantities now.
+
+        The start of fitting does this anyway (a no-op for what is already computed or restored
+        from a checkpoint); call it to inspect :attr:`law`, :attr:`memorization_gap`,
+        :attr:`data_dimension` or :meth:`figure` before training. Runs with the callback's own
+        seed and leaves the global random streams untouched, so the values equal those of a fit.
+        """
+        with isolated_rng(derive_seed(self.seed, _DATA_SEED)):
+            self._prepare_data()
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": [dict(h) for h in self.history],
@@ -354,7 +399,7 @@ class GapCallback(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        with isolated_rng(derive_seed(self.seed, 0xDA7A), pl_module.device):
+        with isolated_rng(derive_seed(self.seed, _DATA_SEED), pl_module.device):
             self._prepare_data(announce=trainer.is_global_zero)
         self._gap_metric = RepresentationGap(
             self._reference,
@@ -464,16 +509,30 @@ class GapCallback(Callback):
     def _preparation_stages(self) -> list[tuple[str, Callable[[], None]]]:
         stages: list[tuple[str, Callable[[], None]]] = []
         if self._train is not None:
-            stages.append(("gap/memorization", self._prepare_memorization))
-            if self._law_option is True:
+            if self._law_option is True:  # first: its curve holds the memorization line's distances
                 stages.append(("gap law", self._prepare_law))
+            stages.append(("gap/memorization", self._prepare_memorization))
         if self.dimension_method is not None:
             stages.append(("id/data", self._prepare_dimension))
         return stages
 
     def _prepare_memorization(self) -> None:
+        """The references' gap to the training set: read off the law's curve when the law was
+        fitted here on these points (its search found every reference's nearest training point),
+        else one search."""
         assert self._train is not None and self._reference is not None
         self.n_train = int(self._train.shape[0])
+        curve = self.law.curve if self.law is not None and self._law_option is True else None
+        if curve is not None:
+            self.memorization_gap = float(
+                gap_value(
+                    curve.reference_sq_dists,
+                    self.p,
+                    compute_dtype(self._reference, self._train),
+                    ("reference", "train"),
+                )
+            )
+            return
         self.memorization_gap = float(
             representation_gap(self._reference, self._train, p=self.p, symmetry=self.symmetry)
         )
@@ -556,7 +615,16 @@ class GapCallback(Callback):
             self._skip(trainer, pl_module, record, error, on_step)
             return
         failed: dict[str, str] = measured.pop("failed")
-        values = {self.key(k): v for k, v in gap_values(**measured).items()}
+        derived = gap_values(
+            measured["observed"],
+            counts=measured["counts"],
+            memorization_gap=self.memorization_gap,
+            law=self.law,
+            n_train=self.n_train,
+            data_dimension=self.data_dimension,
+            sample_dimension=measured["sample_dimension"],
+        )
+        values = {self.key(k): v for k, v in derived.items()}
         values[self.key("gap/skipped_evaluations")] = float(self.num_skipped)
         record.update(values)
         self.history.append(record)
@@ -715,46 +783,31 @@ class GapCallback(Callback):
         return samples.to(self._gap_metric.reference.device)  # type: ignore[union-attr]
 
     def _reduce(self, trainer: pl.Trainer, local: dict[str, Any]) -> dict[str, Any]:
-        """Collective part: the reduced measurements, identical on every rank.
+        """The collectives of an evaluation, identical on every rank; no arithmetic on the values.
 
-        One sum over ranks carries the memorization counts and which optional parts failed
-        anywhere, so every rank leaves out the same parts (and enters the same collectives).
+        The gap metric reduces its per-reference minima itself (``compute``). The callback's own
+        states (memorization count, samples drawn, which optional parts failed) travel as one
+        packed tensor summed over ranks, so every rank leaves out the same parts and enters the
+        same collectives after it (the dimension metric's ``compute``). Returns the reduced
+        states for :func:`~gapcallback.callbacks.gap_values.gap_values`.
         """
         assert self._gap_metric is not None
+        device = self._gap_metric.reference.device
         observed = float(self._gap_metric.compute())
-        failed: dict[str, str] = dict(local["failed"])
+        packed = pack_counts(local["memorized"], local["drawn"], local["failed"], device=device)
+        counts = unpack_counts(trainer.strategy.reduce(packed, reduce_op="sum"))
+        failed = merge_failures(local["failed"], counts)
         id_metric = local["id_metric"]
-        counts = torch.tensor(
-            [
-                float(local["memorized"]),
-                float(local["drawn"]),
-                float("gap/memorized_fraction" in failed),
-                float("id/samples" in failed),
-            ],
-            dtype=torch.float64,
-            device=self._gap_metric.reference.device,
-        )
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        for part, flag in (("gap/memorized_fraction", counts[2]), ("id/samples", counts[3])):
-            if float(flag) > 0:
-                failed.setdefault(part, "it failed on another process")
-        memorized_fraction = None
-        if self._train_on(self._gap_metric.reference.device) is not None:
-            if "gap/memorized_fraction" not in failed:
-                memorized_fraction = float(counts[0] / counts[1])
         sample_dimension = None
         if id_metric is not None and "id/samples" not in failed:
             try:
                 sample_dimension = float(id_metric.compute())
             except (ValueError, RuntimeError) as err:
                 failed["id/samples"] = _describe(err)
+        has_train = self._train_on(device) is not None
         return {
             "observed": observed,
-            "memorized_fraction": memorized_fraction,
-            "memorization_gap": self.memorization_gap,
-            "law": self.law,
-            "n_train": self.n_train,
-            "data_dimension": self.data_dimension,
+            "counts": counts if has_train else None,
             "sample_dimension": sample_dimension,
             "failed": failed,
         }

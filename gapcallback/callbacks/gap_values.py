@@ -1,15 +1,21 @@
-r"""The values a gap evaluation logs, derived from reduced measurements by one pure function.
+r"""The values a gap evaluation logs, derived from reduced measurements by pure functions.
 
-:class:`~gapcallback.GapCallback` reduces its states across processes (the gap metric's minimum,
-the memorization counts, the dimension reservoir) and hands plain numbers to
-:func:`gap_values`, which does the arithmetic only (as Lightning's ``EarlyStopping`` keeps
-``_evaluate_stopping_criteria`` apart from the collective): the same inputs give the same keys
-wherever they are computed.
+An evaluation of :class:`~gapcallback.GapCallback` runs in three steps, as Lightning's
+``EarlyStopping`` keeps ``_evaluate_stopping_criteria`` apart from ``reduce_boolean_decision``:
+
+1. *local states* on every process: the gap metric's running minima, the memorization count, the
+   number of samples drawn, the optional parts that failed, the dimension reservoir;
+2. *collectives*: the callback's own states travel as one packed tensor (:func:`pack_counts`)
+   summed over processes (the metrics reduce their states through their own ``compute``);
+3. *pure derivation*: :func:`unpack_counts` and :func:`merge_failures` read the summed tensor back
+   and :func:`gap_values` does the arithmetic; the same inputs give the same keys wherever they are
+   computed.
 
 With observed gap :math:`R`, the law :math:`R_n = J n^{-p/d}` and ``n_train`` training points:
 
 * ``gap/predicted`` :math:`= J\, n_\text{train}^{-p/d}`;
 * ``gap/ratio`` :math:`= R / \text{predicted}` (:math:`R / R_\text{mem}` without a law);
+* ``gap/memorized_fraction`` :math:`=` memorized / drawn samples over all processes;
 * ``gap/effective_n`` :math:`= (J / R)^{d/p}`, the training-set size at which the law reaches
   :math:`R`. It is ``nan`` where it is not a training-set size the law supports: below the
   smallest size the law was measured at (a model far from the law early in training, or samples
@@ -19,28 +25,92 @@ With observed gap :math:`R`, the law :math:`R_n = J n^{-p/d}` and ``n_train`` tr
 
 from __future__ import annotations
 
-import math
+from collections.abc import Collection, Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
 
 from gapcallback.law import GapLaw
 
-__all__ = ["effective_training_size", "gap_values"]
+__all__ = [
+    "SHARED_PARTS",
+    "ReducedCounts",
+    "effective_training_size",
+    "gap_values",
+    "merge_failures",
+    "pack_counts",
+    "unpack_counts",
+]
+
+SHARED_PARTS = ("gap/memorized_fraction", "id/samples")
+"""Optional parts of an evaluation whose failure on any process leaves them out on every one."""
+
+FAILED_ELSEWHERE = "it failed on another process"
+"""The reason :func:`merge_failures` records for a part that failed on another process only."""
+
+
+class ReducedCounts(NamedTuple):
+    """The callback's own states summed over processes (:func:`unpack_counts`).
+
+    Attributes:
+        memorized: samples that copy a training point, over all processes.
+        drawn: samples drawn, over all processes.
+        failed: the parts of :data:`SHARED_PARTS` that failed on at least one process.
+    """
+
+    memorized: float
+    drawn: float
+    failed: frozenset[str]
+
+
+def pack_counts(
+    memorized: float,
+    drawn: float,
+    failed: Collection[str],
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """One process's counts as one float64 tensor whose sum over processes :func:`unpack_counts` reads.
+
+    Layout: ``[memorized, drawn, failed flag of each part of SHARED_PARTS]``.
+    """
+    flags = [float(part in failed) for part in SHARED_PARTS]
+    return torch.tensor(
+        [float(memorized), float(drawn), *flags], dtype=torch.float64, device=device
+    )
+
+
+def unpack_counts(summed: Tensor) -> ReducedCounts:
+    """Read the sum over processes of :func:`pack_counts` tensors."""
+    values = summed.detach().cpu().tolist()
+    if len(values) != 2 + len(SHARED_PARTS):
+        raise ValueError(
+            f"Expected {2 + len(SHARED_PARTS)} packed counts (pack_counts), got {len(values)}."
+        )
+    failed = frozenset(p for p, f in zip(SHARED_PARTS, values[2:], strict=True) if f > 0)
+    return ReducedCounts(memorized=values[0], drawn=values[1], failed=failed)
+
+
+def merge_failures(local: Mapping[str, str], counts: ReducedCounts) -> dict[str, str]:
+    """This process's failed parts (part -> reason) plus those that failed on another process."""
+    failed = dict(local)
+    for part in SHARED_PARTS:
+        if part in counts.failed:
+            failed.setdefault(part, FAILED_ELSEWHERE)
+    return failed
 
 
 def effective_training_size(law: GapLaw, observed: float) -> float:
-    r""":math:`(J / R)^{d/p}`, or ``nan`` outside the sizes the law supports (see the module doc)."""
-    if not observed > 0:
-        return math.nan
-    effective = float(law.samples_for(observed))
-    lowest = float(law.sizes.min()) if law.sizes.numel() else 1.0
-    if not (math.isfinite(effective) and effective >= lowest):
-        return math.nan
-    return effective
+    r""":math:`(J / R)^{d/p}`, or ``nan`` outside the sizes the law supports
+    (:meth:`GapLaw.effective_size <gapcallback.law.GapLaw.effective_size>`)."""
+    return law.effective_size(observed)
 
 
 def gap_values(
     observed: float,
     *,
     memorized_fraction: float | None = None,
+    counts: ReducedCounts | None = None,
     memorization_gap: float | None = None,
     law: GapLaw | None = None,
     n_train: int | None = None,
@@ -52,12 +122,24 @@ def gap_values(
     Args:
         observed: the gap of the references to the model's samples.
         memorized_fraction: fraction of samples that copy a training point.
+        counts: reduced counts (:func:`unpack_counts`): the fraction is ``memorized / drawn``
+            unless ``gap/memorized_fraction`` failed somewhere (or nothing was drawn). Give either
+            this or ``memorized_fraction``.
         memorization_gap: the gap of the references to the training set.
         law: the fitted gap law.
         n_train: training-set size (default ``law.n_train``).
         data_dimension: intrinsic dimension of the data.
         sample_dimension: intrinsic dimension of the samples.
+
+    Example:
+        >>> counts = unpack_counts(pack_counts(3, 100, []) + pack_counts(1, 100, []))
+        >>> gap_values(0.5, counts=counts, memorization_gap=0.25)
+        {'gap/observed': 0.5, 'gap/memorized_fraction': 0.02, 'gap/memorization': 0.25, 'gap/ratio': 2.0}
     """
+    if memorized_fraction is not None and counts is not None:
+        raise ValueError("Give `memorized_fraction` or `counts`, not both.")
+    if counts is not None and "gap/memorized_fraction" not in counts.failed and counts.drawn > 0:
+        memorized_fraction = counts.memorized / counts.drawn
     values: dict[str, float] = {"gap/observed": float(observed)}
     if memorized_fraction is not None:
         values["gap/memorized_fraction"] = float(memorized_fraction)
