@@ -27,10 +27,8 @@ from gapcallback.symmetry.central_split import central_split
 
 def _search_label(sym, x: torch.Tensor) -> tuple[str, int | None]:
     """How the orbit search runs on points like ``x``, and the group order when finite."""
-    if isinstance(sym, CyclicShifts):
-        sym.check_shape(x, "x")  # sets the order
     if isinstance(sym, CyclicShifts) and sym.choose_method(x) == "fft":
-        return "FFT screen", sym.order
+        return "FFT screen", sym.order_on(x)
     if isinstance(sym, (FiniteGroup, CyclicShifts)):
         dim = x[0].numel()
         code = torch.arange(dim, dtype=torch.float64).reshape(1, *x.shape[1:])
