@@ -21,7 +21,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_TILE", "TILE", "Candidates", "bound_candidates", "k_smallest", "surviving", "tile_candidates"]
+__all__ = [
+    "MIN_TILE",
+    "TILE",
+    "Candidates",
+    "bound_candidates",
+    "k_smallest",
+    "surviving",
+    "tile_candidates",
+]
 
 TILE = 64
 """Columns per tile whose minimum screens for candidates (narrower when k is large)."""
