@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Stream(IterableDataset):
         ({"memorization_ratio": 2.0}, ValueError, "`memorization_ratio`"),
         ({"figure_every_n_evaluations": 0}, ValueError, "`figure_every_n_evaluations`"),
         ({"log_figure": "yes"}, TypeError, "`log_figure`"),
+        ({"figure_in_background": 1}, TypeError, "`figure_in_background`"),
         ({"progress": 1}, TypeError, "`progress`"),
         ({"sample_transform": "flip"}, TypeError, "`sample_transform`"),
         ({"max_points": 0}, ValueError, "`max_points`"),
@@ -354,24 +356,120 @@ def test_no_logger_no_warning_and_values_reach_callback_metrics(tmp_path):
     )
 
 
-def test_figure_cadence_and_same_step_as_the_scalars(tmp_path):
+def _watch_renders(monkeypatch, fail: bool = False) -> list[tuple[int, str]]:
+    """(evaluation shown, thread name) of every figure built; ``fail``: each build raises."""
+    from gapcallback import plotting
+
+    original = plotting.gap_history_figure
+    renders: list[tuple[int, str]] = []
+
+    def watched(history, **kwargs):
+        renders.append((history[-1]["evaluation"], threading.current_thread().name))
+        if fail:
+            raise RuntimeError("render exploded")
+        return original(history, **kwargs)
+
+    monkeypatch.setattr(plotting, "gap_history_figure", watched)
+    return renders
+
+
+def _figure_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("gapcallback-figure")]
+
+
+def _tensorboard_steps(log_dir: str) -> tuple[list[int], list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars("gap/observed")], [e.step for e in acc.Images("gap/figure")]
+
+
+def test_figure_cadence_and_same_step_as_the_scalars(tmp_path, monkeypatch):
+    """``figure_in_background=False``: every render on the training thread, as before."""
+    renders = _watch_renders(monkeypatch)
     callback = gc.GapCallback(
-        REFERENCE, train=TRAIN, num_samples=64, figure_every_n_evaluations=2, **FAST
+        REFERENCE,
+        train=TRAIN,
+        num_samples=64,
+        figure_every_n_evaluations=2,
+        figure_in_background=False,
+        **FAST,
     )
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = make_trainer(tmp_path, [callback], epochs=5, loggers=logger)
     trainer.fit(PointCloudModel(), loader(TRAIN))
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    scalar_steps = [e.step for e in acc.Scalars("gap/observed")]
-    image_steps = [e.step for e in acc.Images("gap/figure")]
+    scalar_steps, image_steps = _tensorboard_steps(logger.log_dir)
     assert len(scalar_steps) == 5
     # Evaluations 1 and 3 (every 2nd), then the last one at the end of fitting.
     assert image_steps == [scalar_steps[1], scalar_steps[3], scalar_steps[4]]
+    assert renders == [(1, "MainThread"), (3, "MainThread"), (4, "MainThread")]
+    assert callback.figures_skipped == 0
     png = Path(trainer.log_dir) / "gap_callback.png"
     assert png.stat().st_size > 1000
+
+
+def test_background_figures_reach_the_loggers_at_their_scalars_step(tmp_path, monkeypatch):
+    renders = _watch_renders(monkeypatch)
+    callback = gc.GapCallback(
+        REFERENCE, train=TRAIN, num_samples=64, figure_every_n_evaluations=1, **FAST
+    )
+    assert callback.figure_in_background
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, [callback], epochs=4, loggers=logger)
+    trainer.fit(PointCloudModel(), loader(TRAIN))
+    assert not _figure_threads()  # the worker does not outlive the fit
+    scalar_steps, image_steps = _tensorboard_steps(logger.log_dir)
+    assert len(scalar_steps) == 4
+    background = [e for e, thread in renders if thread.startswith("gapcallback-figure")]
+    # A render due while the previous one runs is skipped, not queued; evaluation 0 never is.
+    assert background[0] == 0 and len(background) + callback.figures_skipped == 4
+    # The last evaluation is drawn once: in the background, or at the end of fitting if skipped.
+    final = [(3, "MainThread")] if 3 not in background else []
+    assert renders == [(e, t) for e, t in renders if e in background] + final
+    # Every render reached TensorBoard, each at the step of its evaluation's scalars.
+    assert image_steps == [scalar_steps[e] for e, _ in renders]
+    assert not any("failed_parts" in h for h in callback.history)
+    png = Path(trainer.log_dir) / "gap_callback.png"
+    assert png.stat().st_size > 1000
+
+
+def test_a_failing_background_render_is_recorded_and_training_goes_on(tmp_path, monkeypatch):
+    renders = _watch_renders(monkeypatch, fail=True)
+    callback = gc.GapCallback(
+        REFERENCE, train=TRAIN, num_samples=64, figure_every_n_evaluations=1, **FAST
+    )
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(tmp_path, [callback], epochs=3, loggers=logger)
+    with pytest.warns(gc.GapEvaluationWarning, match="figure.*RuntimeError: render exploded"):
+        trainer.fit(PointCloudModel(), loader(TRAIN))
+    assert not _figure_threads()
+    assert renders[0] == (0, "gapcallback-figure_0")
+    assert len(callback.history) == 3  # every evaluation ran and was logged
+    assert len(column(read_csv_metrics(Path(logger.log_dir)), "gap/observed")) == 3
+    failed = [h["evaluation"] for h in callback.history if "figure" in h.get("failed_parts", {})]
+    assert failed == [e for e, _ in renders]
+    assert callback.history[0]["failed_parts"]["figure"] == "RuntimeError: render exploded"
+    assert not (Path(logger.log_dir) / "gap_callback.png").exists()
+
+
+class FailsInSecondEpoch(PointCloudModel):
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise ValueError("training broke")
+        return super().training_step(batch, batch_idx)
+
+
+def test_no_figure_thread_outlives_a_failed_fit(tmp_path, monkeypatch):
+    renders = _watch_renders(monkeypatch)
+    callback = gc.GapCallback(
+        REFERENCE, train=TRAIN, num_samples=64, figure_every_n_evaluations=1, **FAST
+    )
+    trainer = make_trainer(tmp_path, [callback], epochs=3)
+    with pytest.raises(ValueError, match="training broke"):
+        trainer.fit(FailsInSecondEpoch(), loader(TRAIN))
+    assert renders == [(0, "gapcallback-figure_0")]
+    assert not _figure_threads()
 
 
 def test_figure_shows_memorized_fraction_and_a_colour_bar():

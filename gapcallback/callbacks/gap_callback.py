@@ -39,6 +39,8 @@ import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -163,6 +165,13 @@ class GapCallback(Callback):
         figure_every_n_evaluations: how often the figure is rendered during training (default
             10; ``None``: at the end of fitting only). One render costs about a second of CPU,
             more than an evaluation's measurements, so it is not drawn at every evaluation.
+        figure_in_background: ``True`` (default): the periodic figures are rendered on one worker
+            thread (``gapcallback-figure``, from a snapshot of the history) while training goes
+            on, and sent to the loggers from the training thread at a later hook, still at the
+            step of the evaluation they show; a render that is due while the previous one is
+            still running is skipped (counted in :attr:`figures_skipped`). The final figure at
+            the end of fitting is rendered in place. ``False``: every render on the training
+            thread.
         progress: show a progress bar while sampling or preparing takes longer than 2 seconds.
         prefix: prepended to every logged key (for several callbacks on one trainer).
 
@@ -178,6 +187,8 @@ class GapCallback(Callback):
         preparation_failures: data-only parts that could not be computed (``"gap/predicted"``,
             ``"id/data"``) -> reason.
         scale_warning: the value-range warning of the first evaluation, or ``None``.
+        figures_skipped: periodic figures not rendered because the previous background render
+            was still running.
         reference: the reference points as measured (after ``transform`` and ``max_points``),
             ``None`` before :meth:`prepare_data` (read-only).
         train: the training points likewise (``None`` without ``train``; read-only).
@@ -214,6 +225,7 @@ class GapCallback(Callback):
         on_error: Literal["warn", "raise"] = "warn",
         log_figure: bool = True,
         figure_every_n_evaluations: int | None = 10,
+        figure_in_background: bool = True,
         progress: bool = True,
         prefix: str = "",
     ) -> None:
@@ -279,6 +291,7 @@ class GapCallback(Callback):
         self.figure_every_n_evaluations = check_optional_int(
             figure_every_n_evaluations, "figure_every_n_evaluations"
         )
+        self.figure_in_background = check_bool(figure_in_background, "figure_in_background")
         self.progress = check_bool(progress, "progress")
         self.prefix = prefix
 
@@ -299,6 +312,16 @@ class GapCallback(Callback):
         self._last_step_evaluated = -1
         self._figure_evaluation = -1
         self._figure_warned = False
+        self.figures_skipped = 0
+        self._figure_executor: ThreadPoolExecutor | None = None
+        self._figure_pending: _PendingFigure | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A worker thread and its future belong to this process (ddp_spawn pickles callbacks).
+        state = self.__dict__.copy()
+        state["_figure_executor"] = None
+        state["_figure_pending"] = None
+        return state
 
     # ------------------------------------------------------------------ Lightning plumbing
 
@@ -408,6 +431,7 @@ class GapCallback(Callback):
         ).to(pl_module.device)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collect_figure(trainer)
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._evaluate(trainer, pl_module, on_step=False)
 
@@ -419,6 +443,7 @@ class GapCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self._collect_figure(trainer)
         step = trainer.global_step
         if (
             self.every_n_train_steps
@@ -429,14 +454,26 @@ class GapCallback(Callback):
             self._evaluate(trainer, pl_module, on_step=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        latest = self.latest
-        if (
-            self.log_figure
-            and trainer.is_global_zero
-            and latest is not None
-            and latest["evaluation"] != self._figure_evaluation
-        ):
-            self._emit_figure(trainer, latest)
+        try:
+            self._collect_figure(trainer, wait=True)
+            latest = self.latest
+            if (
+                self.log_figure
+                and trainer.is_global_zero
+                and latest is not None
+                and latest["evaluation"] != self._figure_evaluation
+            ):
+                self._emit_figure(trainer, latest)
+        finally:
+            self._close_figure_worker()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._close_figure_worker()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_figure_worker()
 
     # ------------------------------------------------------------------ data (once)
 
@@ -590,6 +627,7 @@ class GapCallback(Callback):
     def _evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, on_step: bool
     ) -> None:
+        self._collect_figure(trainer)
         index = len(self.history)
         record: dict[str, Any] = {
             "evaluation": index,
@@ -641,7 +679,10 @@ class GapCallback(Callback):
             and self.figure_every_n_evaluations
             and (index + 1) % self.figure_every_n_evaluations == 0
         ):
-            self._emit_figure(trainer, record)
+            if self.figure_in_background:
+                self._submit_figure(trainer, record)
+            else:
+                self._emit_figure(trainer, record)
 
     def _measure_local(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int
@@ -918,22 +959,87 @@ class GapCallback(Callback):
         )
 
     def _emit_figure(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
-        """Render the figure once; send it to the loggers at the scalars' step; save the PNG."""
-        from gapcallback.plotting import render_rgb, save_png
+        """Render the figure once, here; send it to the loggers at the scalars' step; save the PNG."""
+        from gapcallback.plotting import render_rgb
 
         self._figure_evaluation = record["evaluation"]
         try:
             rgb = render_rgb(self.figure())
+        except Exception as err:
+            self._figure_failed(record, err)
+            return
+        self._send_rendered(trainer, record, rgb, _figure_step(record))
+
+    def _submit_figure(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
+        """Start rendering the figure of ``record`` on the worker thread (at most one in flight)."""
+        self._collect_figure(trainer)
+        if self._figure_pending is not None:
+            self.figures_skipped += 1
+            _LOG.debug(
+                "GapCallback: figure of evaluation %d skipped (the previous one is still being "
+                "rendered).",
+                record["evaluation"],
+            )
+            return
+        try:  # imported here, not first on the worker; without matplotlib: the warning, no thread
+            from gapcallback.plotting import require_matplotlib
+
+            require_matplotlib("GapCallback's figure")
         except ImportError as err:
+            self._figure_failed(record, err)
+            return
+        if self._figure_executor is None:
+            self._figure_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="gapcallback-figure"
+            )
+        # Everything the worker reads is copied here: the training thread goes on appending to
+        # the history and adding `failed_parts` to its records.
+        snapshot = _FigureSnapshot(
+            history=tuple(dict(h) for h in self.history),
+            law=self.law,
+            n_train=self.n_train,
+            memorization_gap=self.memorization_gap,
+            prefix=self.prefix,
+        )
+        self._figure_evaluation = record["evaluation"]
+        future = self._figure_executor.submit(_render_snapshot, snapshot)
+        self._figure_pending = _PendingFigure(future, record, _figure_step(record))
+
+    def _collect_figure(self, trainer: pl.Trainer, *, wait: bool = False) -> None:
+        """Deliver the background render once it is done (``wait``: wait for it), on this thread
+        and at the step of the evaluation it shows."""
+        pending = self._figure_pending
+        if pending is None or not (wait or pending.future.done()):
+            return
+        self._figure_pending = None
+        try:
+            rgb = pending.future.result()
+        except Exception as err:
+            self._figure_failed(pending.record, err)
+            return
+        self._send_rendered(trainer, pending.record, rgb, pending.step)
+
+    def _close_figure_worker(self) -> None:
+        """Drop an undelivered render and stop the worker thread (waits for a running render)."""
+        executor, self._figure_executor = self._figure_executor, None
+        self._figure_pending = None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def _figure_failed(self, record: dict[str, Any], err: Exception) -> None:
+        if isinstance(err, ImportError):
             if not self._figure_warned:
                 rank_zero_warn(f"GapCallback: no figure ({err}).")
                 self._figure_warned = True
             return
-        except Exception as err:
-            self._part_failed(record, {"figure": _describe(err)})
-            return
-        # Lightning logs the evaluation's scalars at the step before the optimizer step counter.
-        step = max(int(record["step"]) - 1, 0)
+        self._part_failed(record, {"figure": _describe(err)})
+
+    def _send_rendered(
+        self, trainer: pl.Trainer, record: dict[str, Any], rgb: Any, step: int
+    ) -> None:
+        """Send a rendered figure to every logger that takes images at ``step``; save the PNG."""
+        from gapcallback.plotting import save_png
+
         try:
             tag = self.key("gap/figure")
             for logger in trainer.loggers:
@@ -965,6 +1071,47 @@ class GapCallback(Callback):
                 bar.update(n)
         finally:
             bar.close()
+
+
+@dataclass(frozen=True)
+class _FigureSnapshot:
+    """What a background render reads: copies, nothing the training thread changes later."""
+
+    history: tuple[dict[str, Any], ...]
+    law: GapLaw | None
+    n_train: int | None
+    memorization_gap: float | None
+    prefix: str
+
+
+@dataclass(frozen=True)
+class _PendingFigure:
+    """A render in flight, the record it depicts and the step its scalars were logged at."""
+
+    future: Future[Any]
+    record: dict[str, Any]
+    step: int
+
+
+def _render_snapshot(snapshot: _FigureSnapshot) -> Any:
+    """Build and render the figure of ``snapshot`` (runs on the worker thread: matplotlib's OO
+    API on the figure's own Agg canvas only, never pyplot)."""
+    from gapcallback import plotting
+
+    fig = plotting.gap_history_figure(
+        list(snapshot.history),
+        law=snapshot.law,
+        n_train=snapshot.n_train,
+        memorization_gap=snapshot.memorization_gap,
+        prefix=snapshot.prefix,
+    )
+    return plotting.render_rgb(fig)
+
+
+def _figure_step(record: dict[str, Any]) -> int:
+    """The step of an evaluation's scalars: Lightning logs them at the step before the
+    optimizer step counter."""
+    return max(int(record["step"]) - 1, 0)
 
 
 def _send_figure(logger: Any, tag: str, rgb: Any, step: int) -> None:
