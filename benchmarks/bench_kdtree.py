@@ -242,9 +242,13 @@ def grid(args: argparse.Namespace) -> list[tuple[str, int, int, int, bool]]:
         dims, sizes, ks = (2, 8), (400, 1000), KS
     else:
         dims, sizes, ks = DIMS, SIZES, KS
+    dims = args.dims or dims
+    sizes = args.sizes or sizes
+    ks = args.ks or ks
+    data = args.data or DATA
     modes = (False, True) if args.self else (False,)
     cases = []
-    for self_, kind, dim, k, n in itertools.product(modes, DATA, dims, ks, sizes):
+    for self_, kind, dim, k, n in itertools.product(modes, data, dims, ks, sizes):
         if n >= BIG and dim > BIG_MAX_DIM and not args.full:
             continue
         cases.append((kind, dim, n, k, self_))
@@ -308,6 +312,10 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="N = 100000 for every D")
     parser.add_argument("--self", action="store_true", help="also leave-one-out searches")
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 5; quick 2)")
+    parser.add_argument("--dims", type=int, nargs="+", default=None, help="ambient dimensions")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="N = M values")
+    parser.add_argument("--ks", type=int, nargs="+", default=None, help="neighbour counts")
+    parser.add_argument("--data", nargs="+", default=None, choices=DATA, help="data kinds")
     parser.add_argument("--threads", type=int, default=None, help="default: torch's threads")
     parser.add_argument("--out", type=Path, default=RESULTS / "kdtree.json")
     args = parser.parse_args()

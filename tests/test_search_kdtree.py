@@ -314,7 +314,42 @@ def test_prefer_kdtree_cost_model() -> None:
     assert not prefer_kdtree(10, 10**9, 3, 1, device=cpu)  # few queries: the build dominates
     assert not prefer_kdtree(100_000, 100_000, 3, 1000, device=cpu)
     # Low intrinsic dimension extends the range of ambient dimensions, not beyond.
-    high = kdtree.KDTREE_MAX_DIM + 1
+    high = kdtree.KDTREE_MID_DIM + 1
     assert not prefer_kdtree(100_000, 100_000, high, 1, device=cpu)
     assert prefer_kdtree(100_000, 100_000, high, 1, device=cpu, intrinsic_dim=2.0)
     assert not prefer_kdtree(100_000, 100_000, 100, 1, device=cpu, intrinsic_dim=2.0)
+    # The middle band needs larger sets.
+    mid = kdtree.KDTREE_MID_DIM
+    assert not prefer_kdtree(3000, 3000, mid, 1, device=cpu)
+    assert prefer_kdtree(kdtree.KDTREE_MID_POINTS, kdtree.KDTREE_MID_POINTS, mid, 1, device=cpu)
+
+
+def test_intrinsic_probe_reads_low_and_high_dimensional_data() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(5000, 2, generator=g, dtype=torch.float64)
+    plane = torch.cat([z, torch.zeros(5000, 10, dtype=torch.float64)], dim=1)
+    assert 1.5 < kdtree.probe_intrinsic_dimension(plane) < 2.6
+    cube = torch.rand(5000, 12, generator=g, dtype=torch.float64)
+    assert kdtree.probe_intrinsic_dimension(cube) > 7
+    dup = torch.zeros(3000, 8)  # every point a duplicate: no estimate
+    assert kdtree.probe_intrinsic_dimension(dup) == float("inf")
+    cpu = torch.device("cpu")
+    assert kdtree.needs_intrinsic_probe(5000, 5000, 12, 1, cpu)
+    assert not kdtree.needs_intrinsic_probe(5000, 5000, 3, 1, cpu)  # the tree anyway
+    assert not kdtree.needs_intrinsic_probe(5000, 5000, 64, 1, cpu)  # never the tree
+
+
+def test_auto_backend_follows_the_probe() -> None:
+    from gapcallback.search import choose_backend
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.rand(4000, 2, generator=g)
+    plane = (
+        torch.cat([z, torch.zeros(4000, 6)], dim=1)
+        @ torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+    )
+    assert choose_backend(plane, plane, 10) == "kdtree"
+    assert (
+        choose_backend(torch.rand(4000, 12, generator=g), torch.rand(4000, 12, generator=g), 1)
+        == "gemm"
+    )

@@ -17,7 +17,12 @@ import torch
 from torch import Tensor
 
 from gapcallback.search.gemm import DEFAULT_POINT_BLOCK, DEFAULT_QUERY_BLOCK, gemm_knn
-from gapcallback.search.kdtree import kdtree_knn, prefer_kdtree
+from gapcallback.search.kdtree import (
+    kdtree_knn,
+    needs_intrinsic_probe,
+    prefer_kdtree,
+    probe_intrinsic_dimension,
+)
 from gapcallback.search.ranges import centred_magnitude, exact_dtype, screen_exponent
 from gapcallback.search.topk import KNNResult
 from gapcallback.utils.checks import check_finite, compute_dtype
@@ -33,12 +38,16 @@ def choose_backend(
 ) -> Literal["gemm", "kdtree"]:
     """The backend :func:`exact_search` runs with ``backend="auto"`` on these ``[N, D]``/``[M, D]``
     inputs: the KD-tree on CPU where the cost model (:func:`~gapcallback.search.kdtree.
-    prefer_kdtree`) says it is faster and the data's centred magnitudes lie within ``2^[-30, 30]``
+    prefer_kdtree`) says it is faster (for ambient dimensions where only a low intrinsic dimension
+    makes the tree faster, one cheap probe estimates it: :func:`~gapcallback.search.kdtree.
+    probe_intrinsic_dimension`) and the data's centred magnitudes lie within ``2^[-30, 30]``
     (where no squared distance can leave float64's normal range), the GEMM screen otherwise."""
     n, dim = queries.shape
     m = points.shape[0]
     if exact_dtype(points.device, compute_dtype(queries, points)) != torch.float64:
         return "gemm"
+    if intrinsic_dim is None and needs_intrinsic_probe(n, m, dim, k, points.device):
+        intrinsic_dim = probe_intrinsic_dimension(points)
     if not prefer_kdtree(n, m, dim, k, device=points.device, intrinsic_dim=intrinsic_dim):
         return "gemm"
     centre = points.mean(dim=0, dtype=torch.float64)

@@ -68,19 +68,28 @@ from torch import Tensor
 from gapcallback.search.recheck import direct_sq_dists
 from gapcallback.utils.checks import compute_dtype
 
-__all__ = ["kdtree_knn", "prefer_kdtree"]
+__all__ = [
+    "kdtree_knn",
+    "needs_intrinsic_probe",
+    "prefer_kdtree",
+    "probe_intrinsic_dimension",
+]
 
 # ------------------------------------------------------------------------------------------------
-# Cost model of prefer_kdtree. PROVISIONAL: conservative values from first principles, to be set
-# from benchmarks/bench_kdtree.py (benchmarks/results/kdtree.json).
+# Cost model of prefer_kdtree, set from benchmarks/bench_kdtree.py (benchmarks/results/kdtree.json,
+# 2-core Intel Xeon, 2 threads; benchmarks/README.md section 8). A tree's cost grows with the
+# *intrinsic* dimension of the data: on a 2-manifold it beat the GEMM path from N = M = 2000 at
+# every ambient D up to 16 (0.1-0.75x), on uniform data only up to D = 4 from N = 2000 and D = 6
+# from N = 5000-10000 (it lost 1.1-17x at D >= 8).
 # ------------------------------------------------------------------------------------------------
-KDTREE_MAX_DIM = 4  # ambient dimensions where the tree is always considered
-KDTREE_MAX_DIM_LOW_INTRINSIC = 8  # ... up to this ambient D for intrinsically low data
-KDTREE_MAX_INTRINSIC_DIM = 3.0  # ... of intrinsic dimension at most this
-KDTREE_MIN_PAIRS = 10**8  # n_queries * n_points below which the GEMM path is cheap anyway
-KDTREE_MIN_QUERIES = 2048  # fewer queries do not amortise the O(M log M) build
-KDTREE_MIN_POINTS = 2048  # a tree over few points saves little over the GEMM
+KDTREE_MIN_POINTS = 2000  # both sets at least this large: below, the GEMM path is a few ms anyway
+KDTREE_LOW_DIM = 4  # effective dimension where the tree wins from KDTREE_MIN_POINTS
+KDTREE_MID_DIM = 6  # ... and up to this one, from KDTREE_MID_POINTS
+KDTREE_MID_POINTS = 5000
+KDTREE_MAX_AMBIENT_DIM = 16  # largest ambient D measured (with a low intrinsic dimension)
 KDTREE_MAX_K = 32  # the window (and the per-row sort) grows with k
+PROBE_POINTS = 512  # points whose two nearest neighbours estimate the intrinsic dimension
+PROBE_POOL = 4096  # ... among this many (evenly strided subsamples: deterministic)
 
 # ------------------------------------------------------------------------------------------------
 # Search parameters.
@@ -104,29 +113,61 @@ def prefer_kdtree(
     device: torch.device,
     intrinsic_dim: float | None = None,
 ) -> bool:
-    """Whether :func:`kdtree_knn` is expected to beat the GEMM path on this problem.
+    r"""Whether :func:`kdtree_knn` is expected to beat the GEMM path on this problem.
 
-    The cost model (CPU only; ``False`` on any other device): a tree pays for its
-    :math:`O(M \\log M)` build and wins when ``dim`` is small (``<= KDTREE_MAX_DIM``), or the data
-    is intrinsically low-dimensional (``intrinsic_dim <= KDTREE_MAX_INTRINSIC_DIM`` and
-    ``dim <= KDTREE_MAX_DIM_LOW_INTRINSIC``), the sets are large (``n_queries * n_points >=
-    KDTREE_MIN_PAIRS``, each at least ``KDTREE_MIN_QUERIES`` / ``KDTREE_MIN_POINTS``) and ``k <=
-    KDTREE_MAX_K``. The constants are provisional (conservative, from first principles) until set
-    from ``benchmarks/bench_kdtree.py``.
+    The measured cost model (CPU only; ``False`` on any other device). With the effective
+    dimension :math:`d = \min(D, d_\mathrm{int})` (``intrinsic_dim`` when known, else the
+    ambient ``dim``): the tree is preferred when both sets have at least ``KDTREE_MIN_POINTS``
+    points, ``k <= KDTREE_MAX_K``, ``dim <= KDTREE_MAX_AMBIENT_DIM`` and either
+    ``d <= KDTREE_LOW_DIM``, or ``d <= KDTREE_MID_DIM`` with both sets at least
+    ``KDTREE_MID_POINTS``. The choice only changes the time: both backends return the same values.
     """
     if torch.device(device).type != "cpu":
         return False
-    if k > KDTREE_MAX_K or n_queries < KDTREE_MIN_QUERIES or n_points < KDTREE_MIN_POINTS:
+    if k > KDTREE_MAX_K or min(n_queries, n_points) < KDTREE_MIN_POINTS:
         return False
-    if n_queries * n_points < KDTREE_MIN_PAIRS:
+    if dim > KDTREE_MAX_AMBIENT_DIM:
         return False
-    if dim <= KDTREE_MAX_DIM:
+    d = dim if intrinsic_dim is None else min(float(dim), float(intrinsic_dim))
+    if d <= KDTREE_LOW_DIM:
         return True
-    return (
-        intrinsic_dim is not None
-        and dim <= KDTREE_MAX_DIM_LOW_INTRINSIC
-        and intrinsic_dim <= KDTREE_MAX_INTRINSIC_DIM
+    return d <= KDTREE_MID_DIM and min(n_queries, n_points) >= KDTREE_MID_POINTS
+
+
+def needs_intrinsic_probe(
+    n_queries: int, n_points: int, dim: int, k: int, device: torch.device
+) -> bool:
+    """Whether :func:`prefer_kdtree` can only decide with an intrinsic dimension: the ambient
+    dimension alone says GEMM, but a low intrinsic dimension would say tree."""
+    return not prefer_kdtree(n_queries, n_points, dim, k, device=device) and prefer_kdtree(
+        n_queries, n_points, dim, k, device=device, intrinsic_dim=1.0
     )
+
+
+def probe_intrinsic_dimension(points: Tensor) -> float:
+    r"""A cheap, deterministic intrinsic-dimension estimate for the cost model (not a measurement:
+    use :func:`gapcallback.functional.intrinsic_dimension` for that).
+
+    TwoNN's maximum likelihood :math:`\hat d = n / \sum_i \log(r_{2,i} / r_{1,i})` over
+    ``PROBE_POINTS`` evenly strided points of ``points`` ``[M, D]`` and their two nearest others
+    among ``PROBE_POOL`` evenly strided points (one small GEMM-path search, about a millisecond);
+    points with a duplicate (``r_1 = 0``) are left out. Returns ``inf`` when nothing is left.
+    """
+    from gapcallback.search.gemm import gemm_knn
+
+    m = points.shape[0]
+    pool = points[:: max(1, m // PROBE_POOL)][:PROBE_POOL]
+    probe_rows = torch.arange(0, pool.shape[0], max(1, pool.shape[0] // PROBE_POINTS))
+    sq, idx = gemm_knn(pool[probe_rows], pool, 3)
+    # Drop each probe point itself (distance 0 at its own index), keep the two nearest others.
+    own = idx == probe_rows[:, None]
+    sq = sq.masked_fill(own, float("inf")).sort(dim=1).values[:, :2]
+    keep = (sq[:, 0] > 0) & torch.isfinite(sq[:, 1])
+    if not bool(keep.any()):
+        return math.inf
+    log_ratio = 0.5 * torch.log(sq[keep, 1] / sq[keep, 0])
+    total = float(log_ratio.sum())
+    return math.inf if total <= 0 else int(keep.sum()) / total
 
 
 def kdtree_knn(
