@@ -96,8 +96,8 @@ PROBE_POOL = 4096  # ... among this many (evenly strided subsamples: determinist
 # ------------------------------------------------------------------------------------------------
 _LEAFSIZE = 16  # cKDTree's default
 _BALANCED_TREE = True  # cKDTree's default (median splits)
-_WINDOW_MARGIN = 2  # extra neighbours queried beyond k (+1 with exclude_self) ...
-_WINDOW_FRACTION = 0.25  # ... or this fraction of k, whichever is larger
+_WINDOW_MARGIN = 1  # extra neighbours queried beyond k (+1 with exclude_self) ...
+_WINDOW_FRACTION = 0.0  # ... or this fraction of k, whichever is larger (ties: doubled windows)
 _WINDOW_ENTRIES = 1 << 20  # query x neighbour entries per cKDTree call (~50 MiB working memory)
 _RECHECK_ELEMENTS = 1 << 22  # float64 elements per chunk of the brute force (32 MiB)
 _EPS64 = 2.0**-52
