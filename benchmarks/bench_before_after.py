@@ -29,7 +29,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 #: Run inside a fresh process with the tree under test first on sys.path.
-CHILD = r'''
+CHILD = r"""
 import json, statistics, sys, time
 import torch
 sys.path.insert(0, sys.argv[1])
@@ -38,7 +38,7 @@ from gapcallback import functional as F
 from gapcallback.symmetry import CyclicShifts, FiniteGroup, Permutations, RigidMotions
 assert gc.__file__.startswith(sys.argv[1]), gc.__file__
 repeats = int(sys.argv[2])
-only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 and sys.argv[3] else None
+only = set(sys.argv[3].split(";")) if len(sys.argv) > 3 and sys.argv[3] else None
 g = torch.Generator().manual_seed(0)
 def rand(*s): return torch.randn(*s, generator=g)
 def manifold(n, d, D):
@@ -93,7 +93,7 @@ for name, fn in cases.items():
         t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
     out[name] = statistics.median(times)
 print(json.dumps(out))
-'''
+"""
 
 
 def run_tree(tree: Path, repeats: int, only: str, threads: int) -> dict[str, float]:
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma-separated case names")
+    parser.add_argument("--only", default="", help="semicolon-separated case names")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for r in range(args.rounds):

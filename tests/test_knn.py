@@ -253,3 +253,22 @@ def test_float64_near_duplicates_exact_after_float32_screening():
     truth = ((samples - base) ** 2).sum(1)
     assert torch.equal(idx[:, 0], torch.arange(500))
     torch.testing.assert_close(sq[:, 0], truth, rtol=1e-12, atol=0)
+
+
+def test_backend_and_block_size_options_are_checked():
+    from gapcallback.symmetry import FiniteGroup
+
+    x = torch.randn(30, 4, 4)
+    flip = FiniteGroup.flips((-1,))
+    with pytest.raises(ValueError, match="block_size"):
+        knn(x, x, 1, symmetry=flip, block_size=(8, 8))
+    with pytest.raises(ValueError, match="backend"):
+        knn(x, x, 1, symmetry=flip, backend="kdtree")
+    with pytest.raises(ValueError, match="Did you mean 'kdtree'"):
+        knn(x, x, 1, backend="kdtre")
+    with pytest.raises(ValueError, match="block_size"):
+        knn(x, x, 1, backend="kdtree", block_size=(8, 8))
+    flat = x.reshape(30, -1)
+    want = knn(flat, flat, 3, exclude_self=True, backend="gemm")
+    got = knn(flat, flat, 3, exclude_self=True, backend="kdtree")
+    assert torch.equal(want.indices, got.indices) and torch.equal(want.sq_dists, got.sq_dists)

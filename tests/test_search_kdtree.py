@@ -320,8 +320,13 @@ def test_prefer_kdtree_cost_model() -> None:
     assert not prefer_kdtree(100_000, 100_000, 100, 1, device=cpu, intrinsic_dim=2.0)
     # The middle band needs larger sets.
     mid = kdtree.KDTREE_MID_DIM
-    assert not prefer_kdtree(3000, 3000, mid, 1, device=cpu)
-    assert prefer_kdtree(kdtree.KDTREE_MID_POINTS, kdtree.KDTREE_MID_POINTS, mid, 1, device=cpu)
+    assert not prefer_kdtree(3000, 3000, mid, 10, device=cpu)
+    assert prefer_kdtree(kdtree.KDTREE_MID_POINTS, kdtree.KDTREE_MID_POINTS, mid, 10, device=cpu)
+    # k = 1, the GEMM path's cheapest case, needs larger sets.
+    assert prefer_kdtree(3000, 3000, 3, 10, device=cpu)
+    assert not prefer_kdtree(3000, 3000, 3, 1, device=cpu)
+    assert prefer_kdtree(kdtree.KDTREE_MIN_POINTS_K1, kdtree.KDTREE_MIN_POINTS_K1, 3, 1, device=cpu)
+    assert not prefer_kdtree(kdtree.KDTREE_MID_POINTS, kdtree.KDTREE_MID_POINTS, mid, 1, device=cpu)
 
 
 def test_intrinsic_probe_reads_low_and_high_dimensional_data() -> None:

@@ -86,6 +86,8 @@ KDTREE_MIN_POINTS = 2000  # both sets at least this large: below, the GEMM path 
 KDTREE_LOW_DIM = 4  # effective dimension where the tree wins from KDTREE_MIN_POINTS
 KDTREE_MID_DIM = 6  # ... and up to this one, from KDTREE_MID_POINTS
 KDTREE_MID_POINTS = 5000
+KDTREE_MIN_POINTS_K1 = 5000  # k = 1, where the GEMM path is cheapest: larger sets
+KDTREE_MID_POINTS_K1 = 10000
 KDTREE_MAX_AMBIENT_DIM = 16  # largest ambient D measured (with a low intrinsic dimension)
 KDTREE_MAX_K = 32  # the window (and the per-row sort) grows with k
 PROBE_POINTS = 512  # points whose two nearest neighbours estimate the intrinsic dimension
@@ -120,18 +122,21 @@ def prefer_kdtree(
     ambient ``dim``): the tree is preferred when both sets have at least ``KDTREE_MIN_POINTS``
     points, ``k <= KDTREE_MAX_K``, ``dim <= KDTREE_MAX_AMBIENT_DIM`` and either
     ``d <= KDTREE_LOW_DIM``, or ``d <= KDTREE_MID_DIM`` with both sets at least
-    ``KDTREE_MID_POINTS``. The choice only changes the time: both backends return the same values.
+    ``KDTREE_MID_POINTS``; for ``k = 1``, where the GEMM path is cheapest, the sizes are 5000 and
+    10000. The choice only changes the time: both backends return the same values.
     """
     if torch.device(device).type != "cpu":
         return False
-    if k > KDTREE_MAX_K or min(n_queries, n_points) < KDTREE_MIN_POINTS:
-        return False
-    if dim > KDTREE_MAX_AMBIENT_DIM:
+    smaller = min(n_queries, n_points)
+    low, mid = KDTREE_MIN_POINTS, KDTREE_MID_POINTS
+    if k == 1:
+        low, mid = KDTREE_MIN_POINTS_K1, KDTREE_MID_POINTS_K1
+    if k > KDTREE_MAX_K or smaller < low or dim > KDTREE_MAX_AMBIENT_DIM:
         return False
     d = dim if intrinsic_dim is None else min(float(dim), float(intrinsic_dim))
     if d <= KDTREE_LOW_DIM:
         return True
-    return d <= KDTREE_MID_DIM and min(n_queries, n_points) >= KDTREE_MID_POINTS
+    return d <= KDTREE_MID_DIM and smaller >= mid
 
 
 def needs_intrinsic_probe(
