@@ -64,6 +64,7 @@ __all__ = [
     "fit_line",
     "gap_size_grid",
     "measure_gap_curve",
+    "size_values",
 ]
 
 SHARED_NEIGHBOURS = 5
@@ -332,17 +333,29 @@ def curve_knn(
     )
 
 
-def _check_sizes(sizes: Sequence[int] | Tensor, n_max: int) -> list[int]:
+def size_values(sizes: object) -> list[int]:
+    """The ints of a training-set size grid given as a sequence or tensor (not yet range-checked).
+
+    Raises:
+        TypeError: not a sequence or tensor of integers (floats with a fractional part, bools,
+            complex, strings), naming ``sizes``.
+    """
     if isinstance(sizes, Tensor):
         if sizes.is_complex() or sizes.dtype == torch.bool:
             raise TypeError(f"`sizes` must hold integers, got dtype {sizes.dtype}.")
         if sizes.is_floating_point() and not bool((sizes == sizes.round()).all()):
             raise TypeError(f"`sizes` must be integers, got {sizes.tolist()}.")
-        values = [int(v) for v in sizes.reshape(-1).tolist()]
-    elif isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        return [int(v) for v in sizes.reshape(-1).tolist()]
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
         raise TypeError(f"`sizes` must be a sequence of ints, got {sizes!r}.")
-    else:
-        values = [check_positive_int(v, "sizes[i]") for v in sizes]
+    try:
+        return [check_positive_int(v, "sizes[i]") for v in sizes]
+    except TypeError as err:
+        raise TypeError(f"`sizes` must be a sequence of ints, got {sizes!r}.") from err
+
+
+def _check_sizes(sizes: Sequence[int] | Tensor, n_max: int) -> list[int]:
+    values = size_values(sizes)
     if not values or any(b <= a for a, b in itertools.pairwise(values)):
         raise ValueError(f"`sizes` must be non-empty and strictly increasing, got {values}.")
     if values[0] < 1 or values[-1] > n_max:

@@ -25,6 +25,7 @@ from gapcallback.functional.gap_curve import (
     as_generator,
     gap_size_grid,
     measure_gap_curve,
+    size_values,
 )
 from gapcallback.law.fit import (
     LawFit,
@@ -864,19 +865,9 @@ def _check_symmetry(symmetry: object) -> None:
 
 def _check_sizes_values(sizes: object) -> None:
     """``sizes`` (when given) must be a 1-D sequence or tensor of >= 2 strictly increasing ints."""
-    if isinstance(sizes, Tensor):
-        if sizes.is_complex() or sizes.dtype == torch.bool:
-            raise TypeError(f"`sizes` must hold integers, got dtype {sizes.dtype}.")
-        if sizes.is_floating_point() and not bool((sizes == sizes.round()).all()):
-            raise TypeError(f"`sizes` must be integers, got {sizes.tolist()}.")
-        values = [int(v) for v in sizes.reshape(-1).tolist()]
-    elif isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (Sequence, Tensor)):
         raise TypeError(f"`sizes` must be None or a sequence of ints, got {sizes!r}.")
-    else:
-        try:
-            values = [check_positive_int(v, "sizes[i]") for v in sizes]
-        except TypeError as err:
-            raise TypeError(f"`sizes` must be a sequence of ints, got {sizes!r}.") from err
+    values = size_values(sizes)
     if len(values) < 2:
         raise ValueError(f"`sizes` needs at least 2 sizes, got {values}.")
     if any(v < 1 for v in values):
