@@ -82,7 +82,7 @@ class Timed(gc.GapCallback):
         self.fit_end = time.perf_counter() - start
 
 
-def run_callback(reference, train, samples, root) -> tuple[list[float], float]:
+def run_callback(reference, train, samples, root) -> tuple[list[float], float, list[float]]:
     def sampler(module, n, generator=None):
         start = sampler.offset
         sampler.offset = (start + n) % NUM_SAMPLES
@@ -105,8 +105,7 @@ def run_callback(reference, train, samples, root) -> tuple[list[float], float]:
         trainer.fit(Idle(), DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1))
     assert len(callback.times) == EVALUATIONS, (len(callback.times), len(callback.history))
     assert callback.num_skipped == 0, [h.get("reason") for h in callback.history]
-    run_callback.cpu = callback.cpu
-    return callback.times, callback.fit_end
+    return callback.times, callback.fit_end, callback.cpu
 
 
 def time_gap(reference, samples, repeats: int = 20) -> float:
@@ -187,10 +186,12 @@ def main() -> None:
     per_eval, gaps, fit_ends, cpu_each = [], [], [], []
     with tempfile.TemporaryDirectory() as root:
         for r in range(args.runs):
-            times, fit_end = run_callback(reference, train, samples, os.path.join(root, str(r)))
+            times, fit_end, cpu = run_callback(
+                reference, train, samples, os.path.join(root, str(r))
+            )
             # The fit-end figure belongs to the run: spread it over its evaluations.
             per_eval.append((sum(times) + fit_end) / EVALUATIONS)
-            cpu_each.append(sum(run_callback.cpu) / EVALUATIONS)
+            cpu_each.append(sum(cpu) / EVALUATIONS)
             fit_ends.append(fit_end)
             gaps.append(time_gap(reference, samples))
     one_gap = statistics.median(gaps)

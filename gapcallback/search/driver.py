@@ -126,17 +126,15 @@ def blocked_search(
             pending, n_pending = [], 0
             return
         bound = running.amax(dim=1) + (slacks if slacks is not None else 0.0)
-        rows, cols, keys = surviving(
-            [(r - lo, c, v) for r, c, v in pending] if lo else pending, bound
-        )
+        rows, cols, keys = surviving(pending, bound, lo)  # rows global
         if bounded and not final:  # prune only: exact steps are expensive
-            pending, n_pending = [(rows + lo, cols, keys)], rows.numel()
+            pending, n_pending = [(rows, cols, keys)], rows.numel()
             return
         pending, n_pending = [], 0
         if bounded:
-            _branch_and_bound(best, exact, rows, cols, keys, lo, hi, first_batch)
+            _branch_and_bound(best, exact, rows - lo, cols, keys, lo, hi, first_batch)
         else:
-            best.push(rows + lo, exact(rows + lo, cols), cols, span=(lo, hi))
+            best.push(rows, exact(rows, cols), cols, span=(lo, hi))
 
     slacks: Tensor | None = None
     if symmetric:

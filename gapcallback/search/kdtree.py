@@ -65,6 +65,7 @@ import math
 import torch
 from torch import Tensor
 
+from gapcallback.search.gemm import gemm_knn
 from gapcallback.search.recheck import direct_sq_dists
 from gapcallback.utils.checks import compute_dtype
 
@@ -158,8 +159,6 @@ def probe_intrinsic_dimension(points: Tensor) -> float:
     among ``PROBE_POOL`` evenly strided points (one small GEMM-path search, about a millisecond);
     points with a duplicate (``r_1 = 0``) are left out. Returns ``inf`` when nothing is left.
     """
-    from gapcallback.search.gemm import gemm_knn
-
     m = points.shape[0]
     pool = points[:: max(1, m // PROBE_POOL)][:PROBE_POOL]
     probe_rows = torch.arange(0, pool.shape[0], max(1, pool.shape[0] // PROBE_POINTS))

@@ -148,10 +148,13 @@ def k_smallest(values: Tensor, k: int) -> Tensor:
     return out
 
 
-def surviving(pending: list[Candidates], bound: Tensor) -> Candidates:
-    """The pending ``(row, col, key)`` candidates (rows global) with ``key <= bound[row]``."""
+def surviving(pending: list[Candidates], bound: Tensor, first_row: int = 0) -> Candidates:
+    """The pending ``(row, col, key)`` candidates with ``key <= bound[row - first_row]``.
+
+    ``bound`` ``[R]`` covers the rows ``first_row, ..., first_row + R - 1`` the candidates lie in.
+    """
     rows = torch.cat([c[0] for c in pending])
     cols = torch.cat([c[1] for c in pending])
     keys = torch.cat([c[2] for c in pending])
-    keep = keys <= bound[rows]
+    keep = keys <= bound[rows - first_row]
     return rows[keep], cols[keep], keys[keep]

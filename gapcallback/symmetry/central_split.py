@@ -357,14 +357,10 @@ def split_orbit_knn(
             r"""Exact :math:`\min_e \lVert h e\, y_i - x_c\rVert^2` of rows ``h * N + i``."""
             out = torch.empty(rows.shape[0], dtype=exact, device=device)
             step = max(1, RECHECK_ELEMENTS // max(1, n_e * dim))
-            cosets = rows // n
-            # The driver re-checks one row block, i.e. one coset, at a time: one index row.
-            one = rows.numel() > 0 and bool((cosets == cosets[0]).all())
             for s in range(0, rows.shape[0], step):
                 e = min(s + step, rows.shape[0])
-                i = rows[s:e] % n
-                index = flat[cosets[0]].expand(e - s, -1) if one else flat[cosets[s:e]]
-                imgs = q[i].to(exact).gather(1, index).view(e - s, n_e, dim)
+                h, i = rows[s:e] // n, rows[s:e] % n
+                imgs = q[i].to(exact).gather(1, flat[h]).view(e - s, n_e, dim)
                 diff = imgs - x[cols[s:e]].to(exact)[:, None, :]
                 sq = diff.square().sum(dim=2)
                 if q.dtype == exact:  # no wider dtype: the squares can underflow
