@@ -26,7 +26,10 @@ LAYERS = {
     "law": 4,
     "optim": 4,
     "plotting": 5,
-    "callbacks": 6,
+    "evaluation": 6,
+    "callbacks": 7,
+    "cli": 8,
+    "__main__": 8,
 }
 
 

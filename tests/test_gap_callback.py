@@ -425,7 +425,7 @@ def test_memorization_line_reuses_the_law_search(monkeypatch):
     """With the law fitted here, the references' gap to the training set is read off the law's
     curve (its pool-wide search found every reference's nearest training point): no second search,
     the same value as ``representation_gap``, bit for bit."""
-    import gapcallback.callbacks.gap_callback as module
+    import gapcallback.evaluation.prepared as module
 
     calls = []
     real = module.representation_gap

@@ -285,7 +285,7 @@ def test_effective_n_outside_the_law_is_nan(tmp_path):
 
 
 def test_effective_n_inside_the_law_is_the_law_inverse():
-    from gapcallback.callbacks.gap_values import effective_training_size
+    from gapcallback.evaluation.values import effective_training_size
 
     law = gc.GapLaw.from_gaps([100, 200, 400, 800], [0.4, 0.2, 0.1, 0.05])  # R = 40 / n
     assert effective_training_size(law, 0.01) == pytest.approx(4000)
@@ -297,7 +297,7 @@ def test_effective_n_inside_the_law_is_the_law_inverse():
 def test_values_are_a_pure_function_of_the_summed_counts():
     """Local states -> one summed tensor -> pure derivation: what two ranks log depends on the sum
     only, and a part that failed on one rank is left out on both."""
-    from gapcallback.callbacks.gap_values import (
+    from gapcallback.evaluation.values import (
         SHARED_PARTS,
         gap_values,
         merge_failures,

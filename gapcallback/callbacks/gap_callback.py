@@ -30,7 +30,7 @@ computed once at the start of fitting (or by :meth:`GapCallback.prepare_data`) a
 callback's ``state_dict``; the memorization line is read off the law's measured curve (each
 reference's distance to the training set) rather than searched again. The logged values are
 derived from the reduced states by the pure functions of
-:mod:`gapcallback.callbacks.gap_values`.
+:mod:`gapcallback.evaluation.values`.
 """
 
 from __future__ import annotations
@@ -50,15 +50,21 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from gapcallback.callbacks.gap_values import (
-    gap_values,
-    merge_failures,
-    pack_counts,
-    unpack_counts,
+from gapcallback.evaluation.measurement import (
+    MeasuredSamples,
+    SampleMeasurement,
+    describe_error,
 )
-from gapcallback.functional.dimension import check_dimension_method, intrinsic_dimension
-from gapcallback.functional.gap import gap_value, representation_gap
-from gapcallback.functional.memorized import memorization
+from gapcallback.evaluation.prepared import (
+    DATA_SEED,
+    GapEvaluationWarning,
+    PreparedReference,
+    check_law_options,
+    preparation_stages,
+    prepare_reference,
+)
+from gapcallback.evaluation.values import EVALUATION_KEYS, measured_values
+from gapcallback.functional.dimension import check_dimension_method
 from gapcallback.law import GapLaw
 from gapcallback.metrics.intrinsic_dimension import IntrinsicDimension
 from gapcallback.metrics.representation_gap import RepresentationGap
@@ -69,7 +75,6 @@ from gapcallback.utils.checks import (
     check_number,
     check_optional_int,
     check_positive_int,
-    compute_dtype,
 )
 from gapcallback.utils.data import Transform, check_data_source, collect_points
 from gapcallback.utils.log import get_logger
@@ -81,26 +86,10 @@ __all__ = ["LOGGED_KEYS", "GapCallback", "GapEvaluationWarning"]
 
 _LOG = get_logger("callback")
 
-LOGGED_KEYS = (
-    "gap/observed",
-    "gap/memorization",
-    "gap/predicted",
-    "gap/ratio",
-    "gap/effective_n",
-    "gap/memorized_fraction",
-    "id/data",
-    "id/samples",
-    "id/law",
-    "gap/skipped_evaluations",
-)
+LOGGED_KEYS = (*EVALUATION_KEYS, "gap/skipped_evaluations")
 """Every key a :class:`GapCallback` may log (each behind the callback's ``prefix``)."""
 
 Sampler = Callable[..., Tensor]
-
-
-class GapEvaluationWarning(UserWarning):
-    """An evaluation of :class:`GapCallback` was skipped or a part of it failed (failing sampler,
-    NaN samples, samples on another scale than the references, ...)."""
 
 
 class _EvaluationFault(Exception):
@@ -110,8 +99,7 @@ class _EvaluationFault(Exception):
 _MEASURE_BLOCK_VALUES = 1 << 22
 """Samples are measured in blocks of up to this many values (16 MB in float32)."""
 
-_DATA_SEED = 0xDA7A
-"""Mixed into the callback's seed for the data preparation's random streams."""
+_DATA_SEED = DATA_SEED
 
 
 class GapCallback(Callback):
@@ -120,7 +108,13 @@ class GapCallback(Callback):
     Args:
         reference: held-out data points :math:`y_i`: a tensor or numpy array ``[m, *dims]``, or a
             DataLoader / iterable of batches (e.g. ``datamodule.val_dataloader()``). An iterable
-            without a length (a streaming ``IterableDataset``) needs ``max_points``.
+            without a length (a streaming ``IterableDataset``) needs ``max_points``. Or a
+            :class:`~gapcallback.PreparedReference` (:func:`gapcallback.load_reference` of a
+            reference file, :func:`gapcallback.prepare_reference`): its points (already in task
+            space: ``transform`` then applies to the samples only), training set, law,
+            ``id/data`` and memorization line are used as they are and the preparation at the
+            start of fitting is skipped; its options (``p``, ``symmetry``,
+            ``dimension_method``, ``law_options``) must match the callback's.
         train: the training set (same forms). Enables ``gap/memorization``,
             ``gap/memorized_fraction``, the law (``gap/predicted``) and ``id/data`` on it.
         sampler: ``sampler(pl_module, n) -> Tensor [n, *dims]``; when ``None`` the callback calls
@@ -202,7 +196,7 @@ class GapCallback(Callback):
 
     def __init__(
         self,
-        reference: Tensor | Iterable[Any],
+        reference: Tensor | Iterable[Any] | PreparedReference,
         train: Tensor | Iterable[Any] | None = None,
         sampler: Sampler | None = None,
         num_samples: int = 2000,
@@ -266,7 +260,26 @@ class GapCallback(Callback):
                 f"loader batch, got {input_key!r}."
             )
         self.max_points = check_optional_int(max_points, "max_points")
-        check_data_source(reference, "reference", self.max_points)
+        if isinstance(reference, PreparedReference):
+            if train is not None:
+                raise ValueError(
+                    "`reference` is a prepared reference, which holds its own training set: "
+                    "leave `train=None` (or pass the raw reference points with `train=`)."
+                )
+            if isinstance(law, GapLaw):
+                raise ValueError(
+                    "`reference` is a prepared reference, which holds its own law: pass "
+                    "`law=True` to use it or `law=False` to log no prediction."
+                )
+            reference.check_options(
+                "given as `reference`",
+                p=check_exponent(p),
+                symmetry=symmetry,
+                dimension_method=dimension_method,
+                law_options=law_options,
+            )
+        else:
+            check_data_source(reference, "reference", self.max_points)
         if train is not None:
             check_data_source(train, "train", self.max_points)
         self.reference_source = reference
@@ -278,7 +291,7 @@ class GapCallback(Callback):
         self.symmetry = symmetry
         self.sample_batch_size = check_positive_int(sample_batch_size, "sample_batch_size")
         self._law_option = law
-        self.law_options = _check_law_options(law_options)
+        self.law_options = check_law_options(law_options, "GapCallback")
         self.dimension_method = dimension_method
         if dimension_method is not None:
             check_dimension_method(dimension_method, name="dimension_method")
@@ -299,10 +312,12 @@ class GapCallback(Callback):
         self.law: GapLaw | None = law if isinstance(law, GapLaw) else None
         self.memorization_gap: float | None = None
         self.data_dimension: float | None = None
+        self.data_dimension_std: float | None = None
         self.n_train: int | None = None
         self.preparation_failures: dict[str, str] = {}
         self.scale_warning: str | None = None
         self._data_ready = False
+        self._prepared: PreparedReference | None = None
         self._reference: Tensor | None = None
         self._reference_stats: FeatureStats | None = None
         self._scale_checked = False
@@ -393,6 +408,7 @@ class GapCallback(Callback):
             "law": None if self.law is None else self.law.state_dict(),
             "memorization_gap": self.memorization_gap,
             "data_dimension": self.data_dimension,
+            "data_dimension_std": self.data_dimension_std,
             "n_train": self.n_train,
             "data_ready": self._data_ready,
             "last_step_evaluated": self._last_step_evaluated,
@@ -405,6 +421,7 @@ class GapCallback(Callback):
         self.law = None if law_state is None else GapLaw.from_state_dict(law_state)
         self.memorization_gap = state_dict.get("memorization_gap")
         self.data_dimension = state_dict.get("data_dimension")
+        self.data_dimension_std = state_dict.get("data_dimension_std")
         self.n_train = state_dict.get("n_train")
         self._data_ready = bool(state_dict.get("data_ready", False))
         self._last_step_evaluated = int(state_dict.get("last_step_evaluated", -1))
@@ -478,138 +495,123 @@ class GapCallback(Callback):
     # ------------------------------------------------------------------ data (once)
 
     def _prepare_data(self, announce: bool = False) -> None:
-        """Materialise reference/train and compute everything that depends on the data only.
+        """Materialise reference/train and compute everything that depends on the data only
+        (:func:`~gapcallback.evaluation.prepared.prepare_reference`), unless restored from a
+        checkpoint or given as a :class:`PreparedReference`.
 
         With ``announce`` (rank zero), one log line before and one after, with the time taken,
         and a progress bar over the stages when they take more than 2 seconds.
         """
         started = time.perf_counter()
-        self._reference = collect_points(
-            self.reference_source,
-            "reference",
-            transform=self.transform,
-            input_key=self.input_key,
-            max_points=self.max_points,
+        given = (
+            self.reference_source if isinstance(self.reference_source, PreparedReference) else None
         )
-        self._reference_stats = FeatureStats()
-        self._reference_stats.update(self._reference)
-        if self.train_source is not None:
-            self._train = collect_points(
-                self.train_source,
-                "train",
+        if given is not None:
+            reference, train = given.reference, given.train
+            if not self._data_ready:
+                self._adopt(given)
+        else:
+            reference = collect_points(
+                self.reference_source,  # type: ignore[arg-type]
+                "reference",
                 transform=self.transform,
                 input_key=self.input_key,
                 max_points=self.max_points,
             )
-            if self._train.shape[1:] != self._reference.shape[1:]:
-                raise ValueError(
-                    f"`train` points have shape {tuple(self._train.shape[1:])} but `reference` points "
-                    f"{tuple(self._reference.shape[1:])}; pass data from the same space (or the same "
-                    "`transform`)."
+            train = None
+            if self.train_source is not None:
+                train = collect_points(
+                    self.train_source,
+                    "train",
+                    transform=self.transform,
+                    input_key=self.input_key,
+                    max_points=self.max_points,
                 )
-        if self._data_ready:  # restored from a checkpoint: nothing to recompute
-            return
-        stages = self._preparation_stages()
-        if announce and stages:
-            sizes = f"{self._reference.shape[0]} reference"
-            if self._train is not None:
-                sizes += f" and {self._train.shape[0]} training"
-            _LOG.info(
-                "GapCallback: preparing the data-only quantities (%s) from %s points of shape %s...",
-                ", ".join(name for name, _ in stages),
-                sizes,
-                tuple(self._reference.shape[1:]),
-            )
-        from tqdm.auto import tqdm
-
-        # A bar over the stages that appears after 2 seconds; tqdm's `disable` makes it a no-op.
-        with tqdm(
-            total=len(stages),
-            desc="GapCallback preparing",
-            unit="stage",
-            leave=False,
-            delay=2.0,
-            disable=not (self.progress and announce and stages),
-        ) as bar:
-            for name, stage in stages:
-                bar.set_postfix_str(name)
-                stage()
-                bar.update(1)
-        self._data_ready = True
-        if announce and stages:
-            _LOG.info(
-                "GapCallback: data ready in %.1f s (%s).",
-                time.perf_counter() - started,
-                self._preparation_summary(),
-            )
-
-    def _preparation_stages(self) -> list[tuple[str, Callable[[], None]]]:
-        stages: list[tuple[str, Callable[[], None]]] = []
-        if self._train is not None:
-            if self._law_option is True:  # first: its curve holds the memorization line's distances
-                stages.append(("gap law", self._prepare_law))
-            stages.append(("gap/memorization", self._prepare_memorization))
-        if self.dimension_method is not None:
-            stages.append(("id/data", self._prepare_dimension))
-        return stages
-
-    def _prepare_memorization(self) -> None:
-        """The references' gap to the training set: read off the law's curve when the law was
-        fitted here on these points (its search found every reference's nearest training point),
-        else one search."""
-        assert self._train is not None and self._reference is not None
-        self.n_train = int(self._train.shape[0])
-        curve = self.law.curve if self.law is not None and self._law_option is True else None
-        if curve is not None:
-            self.memorization_gap = float(
-                gap_value(
-                    curve.reference_sq_dists,
-                    self.p,
-                    compute_dtype(self._reference, self._train),
-                    ("reference", "train"),
+                if train.shape[1:] != reference.shape[1:]:
+                    raise ValueError(
+                        f"`train` points have shape {tuple(train.shape[1:])} but `reference` "
+                        f"points {tuple(reference.shape[1:])}; pass data from the same space (or "
+                        "the same `transform`)."
+                    )
+        self._reference, self._train = reference, train
+        self._reference_stats = FeatureStats()
+        self._reference_stats.update(reference)
+        if not self._data_ready:
+            stages = preparation_stages(train is not None, self._law_option, self.dimension_method)
+            if announce and stages:
+                sizes = f"{reference.shape[0]} reference"
+                if train is not None:
+                    sizes += f" and {train.shape[0]} training"
+                _LOG.info(
+                    "GapCallback: preparing the data-only quantities (%s) from %s points of shape "
+                    "%s...",
+                    ", ".join(stages),
+                    sizes,
+                    tuple(reference.shape[1:]),
                 )
-            )
-            return
-        self.memorization_gap = float(
-            representation_gap(self._reference, self._train, p=self.p, symmetry=self.symmetry)
+            from tqdm.auto import tqdm
+
+            # A bar over the stages that appears after 2 seconds; `disable` makes it a no-op.
+            with tqdm(
+                total=len(stages),
+                desc="GapCallback preparing",
+                unit="stage",
+                leave=False,
+                delay=2.0,
+                disable=not (self.progress and announce and stages),
+            ) as bar:
+
+                def on_stage(name: str) -> None:
+                    if bar.n or name != stages[0]:
+                        bar.update(1)
+                    bar.set_postfix_str(name)
+
+                prepared = prepare_reference(
+                    reference,
+                    train,
+                    p=self.p,
+                    symmetry=self.symmetry,
+                    law=self._law_option,
+                    law_options=self.law_options,
+                    dimension_method=self.dimension_method,
+                    dimension_points=self.dimension_points,
+                    seed=self.seed,
+                    on_error=self.on_error,
+                    on_stage=on_stage,
+                    warn=lambda message: rank_zero_warn(
+                        f"GapCallback {message}", category=GapEvaluationWarning
+                    ),
+                )
+                bar.update(bar.total - bar.n)
+            self._adopt(prepared)
+            if announce and stages:
+                _LOG.info(
+                    "GapCallback: data ready in %.1f s (%s).",
+                    time.perf_counter() - started,
+                    self._preparation_summary(),
+                )
+        self._prepared = PreparedReference(
+            reference=reference,
+            train=train,
+            p=self.p,
+            symmetry=self.symmetry,
+            law=self.law,
+            memorization_gap=self.memorization_gap,
+            data_dimension=self.data_dimension,
+            data_dimension_std=self.data_dimension_std,
+            failures=dict(self.preparation_failures),
         )
 
-    def _prepare_law(self) -> None:
-        try:
-            self.law = GapLaw.fit(
-                self._train,  # type: ignore[arg-type]
-                self._reference,  # type: ignore[arg-type]
-                p=self.p,
-                symmetry=self.symmetry,
-                seed=self.seed,
-                **self.law_options,
-            )
-        except (ValueError, RuntimeError) as err:
-            if self.on_error == "raise":
-                raise
-            self.preparation_failures["gap/predicted"] = str(err)
-            rank_zero_warn(
-                f"GapCallback could not fit the gap law ({err}); `gap/predicted`, `gap/ratio` "
-                "against the law, `gap/effective_n` and `id/law` will not be logged.",
-                category=GapEvaluationWarning,
-            )
-
-    def _prepare_dimension(self) -> None:
-        data = self._train if self._train is not None else self._reference
-        assert data is not None
-        if data.shape[0] > self.dimension_points:
-            g = torch.Generator().manual_seed(self.seed)
-            data = data[torch.randperm(data.shape[0], generator=g)[: self.dimension_points]]
-        try:
-            self.data_dimension = float(intrinsic_dimension(data, method=self.dimension_method))  # type: ignore[arg-type]
-        except (ValueError, RuntimeError) as err:
-            if self.on_error == "raise":
-                raise
-            self.preparation_failures["id/data"] = str(err)
-            rank_zero_warn(
-                f"GapCallback could not estimate id/data ({err}).",
-                category=GapEvaluationWarning,
-            )
+    def _adopt(self, prepared: PreparedReference) -> None:
+        """Take the data-only quantities of ``prepared`` (a law given to the callback wins)."""
+        if not isinstance(self._law_option, GapLaw):
+            self.law = prepared.law if self._law_option is not False else None
+        self.memorization_gap = prepared.memorization_gap
+        self.data_dimension = prepared.data_dimension if self.dimension_method else None
+        self.data_dimension_std = prepared.data_dimension_std if self.dimension_method else None
+        self.n_train = prepared.n_train
+        self.preparation_failures = dict(prepared.failures)
+        self._data_ready = True
 
     def _preparation_summary(self) -> str:
         parts = []
@@ -637,7 +639,7 @@ class GapCallback(Callback):
         }
         self._last_step_evaluated = int(trainer.global_step)
         error: BaseException | None = None
-        local: dict[str, Any] = {}
+        local: SampleMeasurement | None = None
         try:
             local = self._measure_local(trainer, pl_module, index)
         except Exception as err:
@@ -645,6 +647,7 @@ class GapCallback(Callback):
         # Every rank learns whether any rank failed before any collective on the metrics.
         all_ok = trainer.strategy.reduce_boolean_decision(error is None, all=True)
         if all_ok:
+            assert local is not None
             try:
                 measured = self._reduce(trainer, local)
             except (ValueError, RuntimeError) as err:
@@ -652,26 +655,17 @@ class GapCallback(Callback):
         if not all_ok:
             self._skip(trainer, pl_module, record, error, on_step)
             return
-        failed: dict[str, str] = measured.pop("failed")
-        derived = gap_values(
-            measured["observed"],
-            counts=measured["counts"],
-            memorization_gap=self.memorization_gap,
-            law=self.law,
-            n_train=self.n_train,
-            data_dimension=self.data_dimension,
-            sample_dimension=measured["sample_dimension"],
-        )
-        values = {self.key(k): v for k, v in derived.items()}
+        assert self._prepared is not None and local is not None
+        values = {self.key(k): v for k, v in measured_values(self._prepared, measured).items()}
         values[self.key("gap/skipped_evaluations")] = float(self.num_skipped)
         record.update(values)
         self.history.append(record)
         self._log(trainer, pl_module, values, on_step)
-        if failed:
-            self._part_failed(record, failed)
+        if measured.failed:
+            self._part_failed(record, measured.failed)
         if not self._scale_checked:
             if trainer.is_global_zero:
-                self._check_scale(local.get("sample_stats"))
+                self._check_scale(local.stats)
             self._scale_checked = True  # on every rank, so none keeps gathering the statistics
         if (
             self.log_figure
@@ -686,8 +680,9 @@ class GapCallback(Callback):
 
     def _measure_local(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int
-    ) -> dict[str, Any]:
-        """Draw this rank's share of samples and stream them into the (local) states.
+    ) -> SampleMeasurement:
+        """Draw this rank's share of samples and stream them into the (local) states
+        (:class:`~gapcallback.evaluation.measurement.SampleMeasurement`).
 
         A fault of the sampler (or the gap's own update) raises; a failure of an optional part
         (the memorization test, the dimension's update) is recorded in ``failed`` and that part
@@ -697,17 +692,19 @@ class GapCallback(Callback):
         device = pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
         n_local = self.num_samples // world + (1 if rank < self.num_samples % world else 0)
-        gap_metric = self._gap_metric.to(device)
-        gap_metric.reset()
         id_metric = None
         if self.dimension_method is not None:
             id_metric = IntrinsicDimension(
                 method=self.dimension_method, max_points=self.dimension_points, seed=self.seed
             ).to(device)
-        train = self._train_on(device)
-        sample_stats = None if self._scale_checked else FeatureStats()
-        memorized = 0
-        failed: dict[str, str] = {}
+        measurement = SampleMeasurement(
+            self._gap_metric.to(device),
+            train=self._train_on(device),
+            symmetry=self.symmetry,
+            memorization_ratio=self.memorization_ratio,
+            dimension=id_metric,
+            stats=None if self._scale_checked else FeatureStats(),
+        )
         eval_seed = derive_seed(self.seed, index, rank)
         generator = torch.Generator(device=device).manual_seed(eval_seed)
         pending: list[Tensor] = []
@@ -717,54 +714,11 @@ class GapCallback(Callback):
                 pending.append(self._draw(pl_module, n, generator))
                 pending_values += pending[-1].numel()
                 if pending_values >= _MEASURE_BLOCK_VALUES:
-                    memorized += self._measure_block(
-                        torch.cat(pending), gap_metric, id_metric, train, sample_stats, failed
-                    )
+                    measurement.update(torch.cat(pending))
                     pending, pending_values = [], 0
             if pending:
-                memorized += self._measure_block(
-                    torch.cat(pending), gap_metric, id_metric, train, sample_stats, failed
-                )
-        return {
-            "id_metric": id_metric,
-            "memorized": memorized,
-            "drawn": n_local,
-            "failed": failed,
-            "sample_stats": sample_stats,
-        }
-
-    def _measure_block(
-        self,
-        samples: Tensor,
-        gap_metric: RepresentationGap,
-        id_metric: IntrinsicDimension | None,
-        train: Tensor | None,
-        sample_stats: FeatureStats | None,
-        failed: dict[str, str],
-    ) -> int:
-        """Stream one block of samples into every state; return how many are memorized.
-
-        Sampler batches are gathered into blocks of up to :data:`_MEASURE_BLOCK_VALUES` values,
-        so each search runs once per block rather than once per sampler call.
-        """
-        gap_metric.update(samples)
-        if sample_stats is not None:
-            sample_stats.update(samples)
-        if id_metric is not None and "id/samples" not in failed:
-            try:
-                id_metric.update(samples)
-            except Exception as err:
-                failed["id/samples"] = _describe(err)
-        if train is None or "gap/memorized_fraction" in failed:
-            return 0
-        try:
-            result = memorization(
-                samples, train, ratio=self.memorization_ratio, symmetry=self.symmetry
-            )
-        except Exception as err:
-            failed["gap/memorized_fraction"] = _describe(err)
-            return 0
-        return int(result.memorized.sum())
+                measurement.update(torch.cat(pending))
+        return measurement
 
     def _train_on(self, device: torch.device) -> Tensor | None:
         """The training points on ``device`` (copied once per device), ``None`` below 2 points."""
@@ -823,35 +777,15 @@ class GapCallback(Callback):
             raise _EvaluationFault(f"the sampler returned NaN/Inf in {bad} of {n} samples")
         return samples.to(self._gap_metric.reference.device)  # type: ignore[union-attr]
 
-    def _reduce(self, trainer: pl.Trainer, local: dict[str, Any]) -> dict[str, Any]:
+    def _reduce(self, trainer: pl.Trainer, local: SampleMeasurement) -> MeasuredSamples:
         """The collectives of an evaluation, identical on every rank; no arithmetic on the values.
 
         The gap metric reduces its per-reference minima itself (``compute``). The callback's own
         states (memorization count, samples drawn, which optional parts failed) travel as one
         packed tensor summed over ranks, so every rank leaves out the same parts and enters the
-        same collectives after it (the dimension metric's ``compute``). Returns the reduced
-        states for :func:`~gapcallback.callbacks.gap_values.gap_values`.
+        same collectives after it (the dimension metric's ``compute``).
         """
-        assert self._gap_metric is not None
-        device = self._gap_metric.reference.device
-        observed = float(self._gap_metric.compute())
-        packed = pack_counts(local["memorized"], local["drawn"], local["failed"], device=device)
-        counts = unpack_counts(trainer.strategy.reduce(packed, reduce_op="sum"))
-        failed = merge_failures(local["failed"], counts)
-        id_metric = local["id_metric"]
-        sample_dimension = None
-        if id_metric is not None and "id/samples" not in failed:
-            try:
-                sample_dimension = float(id_metric.compute())
-            except (ValueError, RuntimeError) as err:
-                failed["id/samples"] = _describe(err)
-        has_train = self._train_on(device) is not None
-        return {
-            "observed": observed,
-            "counts": counts if has_train else None,
-            "sample_dimension": sample_dimension,
-            "failed": failed,
-        }
+        return local.finish(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
 
     def _part_failed(self, record: dict[str, Any], failed: dict[str, str]) -> None:
         """Record optional parts that failed in an evaluation that was logged otherwise."""
@@ -896,7 +830,7 @@ class GapCallback(Callback):
         reason = (
             f"{error}"
             if isinstance(error, _EvaluationFault)
-            else _describe(error)
+            else describe_error(error)
             if error is not None
             else "an evaluation step failed on another process"
         )
@@ -1032,7 +966,7 @@ class GapCallback(Callback):
                 rank_zero_warn(f"GapCallback: no figure ({err}).")
                 self._figure_warned = True
             return
-        self._part_failed(record, {"figure": _describe(err)})
+        self._part_failed(record, {"figure": describe_error(err)})
 
     def _send_rendered(
         self, trainer: pl.Trainer, record: dict[str, Any], rgb: Any, step: int
@@ -1049,7 +983,7 @@ class GapCallback(Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             save_png(rgb, path)
         except Exception as err:
-            self._part_failed(record, {"figure": _describe(err)})
+            self._part_failed(record, {"figure": describe_error(err)})
 
     def _progress(self, sizes: list[int], trainer: pl.Trainer, index: int) -> Iterator[int]:
         if not (self.progress and trainer.is_global_zero and len(sizes) > 1):
@@ -1143,10 +1077,6 @@ def _accepts_generator(fn: Callable[..., Any]) -> bool:
     return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
-
-
 def _check_ratio(value: object) -> float:
     ratio = check_number(value, "memorization_ratio", minimum=0.0, maximum=1.0)
     if not ratio:
@@ -1155,25 +1085,3 @@ def _check_ratio(value: object) -> float:
             f"Gu et al. use 1/3), got {value}."
         )
     return ratio
-
-
-def _check_law_options(options: object) -> dict[str, Any]:
-    """``law_options`` as a dict of checked :meth:`GapLaw.fit` options (:attr:`GapLaw.FIT_OPTIONS`;
-    the callback passes ``train``, ``reference``, ``p``, ``symmetry`` and ``seed`` itself)."""
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise TypeError(
-            f"`law_options` must be a dict of GapLaw.fit keyword arguments, got "
-            f"{type(options).__name__}."
-        )
-    own = sorted(k for k in options if k in ("train", "reference", "p", "symmetry", "seed"))
-    if own:
-        raise TypeError(
-            f"`law_options` has key(s) {own}: those are GapCallback's own arguments; pass them to "
-            f"GapCallback itself. `law_options` takes {list(GapLaw.FIT_OPTIONS)}."
-        )
-    try:
-        return GapLaw.check_fit_options(options)
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"`law_options`: {err}") from None

@@ -1,15 +1,18 @@
 r"""The values a gap evaluation logs, derived from reduced measurements by pure functions.
 
-An evaluation of :class:`~gapcallback.GapCallback` runs in three steps, as Lightning's
-``EarlyStopping`` keeps ``_evaluate_stopping_criteria`` apart from ``reduce_boolean_decision``:
+An evaluation (of :class:`~gapcallback.GapCallback`, :func:`~gapcallback.evaluate` or the
+command line) runs in three steps, as Lightning's ``EarlyStopping`` keeps
+``_evaluate_stopping_criteria`` apart from ``reduce_boolean_decision``:
 
-1. *local states* on every process: the gap metric's running minima, the memorization count, the
-   number of samples drawn, the optional parts that failed, the dimension reservoir;
-2. *collectives*: the callback's own states travel as one packed tensor (:func:`pack_counts`)
-   summed over processes (the metrics reduce their states through their own ``compute``);
+1. *local states* on every process (:class:`~gapcallback.evaluation.measurement.SampleMeasurement`):
+   the gap metric's running minima, the memorization count, the number of samples drawn, the
+   optional parts that failed, the dimension reservoir;
+2. *collectives*: those counts travel as one packed tensor (:func:`pack_counts`) summed over
+   processes (the metrics reduce their states through their own ``compute``);
 3. *pure derivation*: :func:`unpack_counts` and :func:`merge_failures` read the summed tensor back
-   and :func:`gap_values` does the arithmetic; the same inputs give the same keys wherever they are
-   computed.
+   and :func:`gap_values` does the arithmetic (:func:`measured_values` from a prepared reference
+   and the reduced measurements); the same inputs give the same keys wherever they are computed,
+   so the callback, ``evaluate`` and the command line cannot drift.
 
 With observed gap :math:`R`, the law :math:`R_n = J n^{-p/d}` and ``n_train`` training points:
 
@@ -26,22 +29,41 @@ With observed gap :math:`R`, the law :math:`R_n = J n^{-p/d}` and ``n_train`` tr
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from gapcallback.law import GapLaw
 
+if TYPE_CHECKING:
+    from gapcallback.evaluation.measurement import MeasuredSamples
+    from gapcallback.evaluation.prepared import PreparedReference
+
 __all__ = [
+    "EVALUATION_KEYS",
     "SHARED_PARTS",
     "ReducedCounts",
     "effective_training_size",
     "gap_values",
+    "measured_values",
     "merge_failures",
     "pack_counts",
     "unpack_counts",
 ]
+
+EVALUATION_KEYS = (
+    "gap/observed",
+    "gap/memorization",
+    "gap/predicted",
+    "gap/ratio",
+    "gap/effective_n",
+    "gap/memorized_fraction",
+    "id/data",
+    "id/samples",
+    "id/law",
+)
+"""Every key one evaluation may give (:func:`gap_values`), in this order."""
 
 SHARED_PARTS = ("gap/memorized_fraction", "id/samples")
 """Optional parts of an evaluation whose failure on any process leaves them out on every one."""
@@ -161,3 +183,18 @@ def gap_values(
     if sample_dimension is not None:
         values["id/samples"] = float(sample_dimension)
     return values
+
+
+def measured_values(prepared: PreparedReference, measured: MeasuredSamples) -> dict[str, float]:
+    """The keys of one evaluation from a prepared reference and the reduced measurements of the
+    samples: :func:`gap_values` with the reference's law, memorization line, training-set size
+    and data dimension. The one function the callback, ``evaluate`` and the CLI derive through."""
+    return gap_values(
+        measured.observed,
+        counts=measured.counts,
+        memorization_gap=prepared.memorization_gap,
+        law=prepared.law,
+        n_train=prepared.n_train,
+        data_dimension=prepared.data_dimension,
+        sample_dimension=measured.sample_dimension,
+    )
