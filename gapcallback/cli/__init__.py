@@ -1,0 +1,1 @@
+"""The `gapcallback` command line."""
