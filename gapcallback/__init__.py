@@ -9,12 +9,17 @@ Public API (see the README)::
     gc.RepresentationGap, gc.IntrinsicDimension                          # metrics/
     gc.GapLaw                                                            # law.py
     gc.GapCallback, gc.GapEarlyStopping, gc.GradientSNR                  # callbacks/
+    gc.evaluate, gc.prepare_reference, gc.load_reference, gc.save_reference  # evaluation/
+    python -m gapcallback evaluate|plan|checkpoints|reference            # cli/
     gapcallback.symmetry: FiniteGroup, CyclicShifts, RigidMotions, Permutations
     gapcallback.optim: PopulationRiskAdamW
 """
 
 from gapcallback import functional, optim, symmetry
 from gapcallback.callbacks import GapCallback, GapEarlyStopping, GapEvaluationWarning, GradientSNR
+from gapcallback.evaluation.evaluate import evaluate
+from gapcallback.evaluation.prepared import PreparedReference, prepare_reference
+from gapcallback.evaluation.reference_file import load_reference, save_reference
 from gapcallback.law import GapLaw
 from gapcallback.metrics import IntrinsicDimension, RepresentationGap
 
@@ -27,9 +32,14 @@ __all__ = [
     "GapLaw",
     "GradientSNR",
     "IntrinsicDimension",
+    "PreparedReference",
     "RepresentationGap",
     "__version__",
+    "evaluate",
     "functional",
+    "load_reference",
     "optim",
+    "prepare_reference",
+    "save_reference",
     "symmetry",
 ]

@@ -51,6 +51,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from gapcallback.evaluation.measurement import (
+    MEASURE_BLOCK_VALUES,
     MeasuredSamples,
     SampleMeasurement,
     describe_error,
@@ -95,9 +96,6 @@ Sampler = Callable[..., Tensor]
 class _EvaluationFault(Exception):
     """Raised inside an evaluation for faults of the user's sampler or its output."""
 
-
-_MEASURE_BLOCK_VALUES = 1 << 22
-"""Samples are measured in blocks of up to this many values (16 MB in float32)."""
 
 _DATA_SEED = DATA_SEED
 
@@ -713,7 +711,7 @@ class GapCallback(Callback):
             for n in self._progress(_batch_sizes(n_local, self.sample_batch_size), trainer, index):
                 pending.append(self._draw(pl_module, n, generator))
                 pending_values += pending[-1].numel()
-                if pending_values >= _MEASURE_BLOCK_VALUES:
+                if pending_values >= MEASURE_BLOCK_VALUES:
                     measurement.update(torch.cat(pending))
                     pending, pending_values = [], 0
             if pending:

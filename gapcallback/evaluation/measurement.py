@@ -39,7 +39,11 @@ from gapcallback.metrics.representation_gap import RepresentationGap
 from gapcallback.symmetry.base import Symmetry
 from gapcallback.utils.value_range import FeatureStats
 
-__all__ = ["MeasuredSamples", "SampleMeasurement", "describe_error"]
+__all__ = ["MEASURE_BLOCK_VALUES", "MeasuredSamples", "SampleMeasurement", "describe_error"]
+
+MEASURE_BLOCK_VALUES = 1 << 22
+"""Samples are measured in blocks of up to this many values (16 MB in float32): each search runs
+once per block rather than once per sampler call or file batch."""
 
 SumOverProcesses = Callable[[Tensor], Tensor]
 
@@ -119,18 +123,23 @@ class SampleMeasurement:
         dimension_points: int = 2000,
         seed: int = 0,
         stats: bool = False,
-        sync_gap: bool = True,
+        reference_rows: slice | None = None,
     ) -> SampleMeasurement:
         """A fresh measurement against a :class:`PreparedReference`, on ``device``.
 
-        ``sync_gap=False`` keeps the gap metric's minima local (for callers that shard the
-        references and gather the minima themselves).
+        ``reference_rows`` measures the gap of those reference rows only, with the metric's
+        minima kept local (for callers that shard the references and gather the minima
+        themselves); by default the gap is of every reference, reduced over processes by the
+        metric's ``compute``.
         """
+        reference = prepared.reference
+        if reference_rows is not None:
+            reference = reference[reference_rows]
         gap = RepresentationGap(
-            prepared.reference,
+            reference,
             p=prepared.p,
             symmetry=prepared.symmetry,  # type: ignore[arg-type]
-            sync_on_compute=sync_gap,
+            sync_on_compute=reference_rows is None,
         ).to(device)
         dimension = None
         if dimension_method is not None:

@@ -155,6 +155,35 @@ class PreparedReference:
             "options": dict(self.options),
         }
 
+    @classmethod
+    def from_summary(
+        cls,
+        reference: Tensor,
+        train: Tensor | None,
+        summary: Mapping[str, Any],
+        symmetry: Symmetry | None = None,
+    ) -> PreparedReference:
+        """Rebuild from the points and :meth:`summary` (the symmetry object itself is not in
+        the summary, only its name: pass it when the summary names one)."""
+        if summary.get("symmetry") != symmetry_name(symmetry):
+            raise ValueError(
+                f"The summary was prepared with symmetry={summary.get('symmetry')!r}, but "
+                f"symmetry={symmetry_name(symmetry)!r} is given; pass the same symmetry."
+            )
+        law_state = summary.get("law")
+        return cls(
+            reference=reference,
+            train=train,
+            p=float(summary["p"]),
+            symmetry=symmetry,
+            law=None if law_state is None else GapLaw.from_state_dict(dict(law_state)),
+            memorization_gap=summary.get("memorization_gap"),
+            data_dimension=summary.get("data_dimension"),
+            data_dimension_std=summary.get("data_dimension_std"),
+            failures=dict(summary.get("failures") or {}),
+            options=dict(summary.get("options") or {}),
+        )
+
     def check_options(self, where: str, **asked: Any) -> None:
         """Raise ``ValueError`` naming every option of ``asked`` that differs from the ones this
         reference was prepared with (``p``, ``symmetry``, ``dimension_method``, ...).

@@ -713,6 +713,41 @@ class GapLaw:
         out = (self.constant / target).pow(self.dimension / self.p)
         return float(out) if scalar else out
 
+    def samples_for_interval(self, target_gap: float, level: float = 0.9) -> tuple[float, float]:
+        r"""Range of training-set sizes that reach ``target_gap`` within the band of
+        :meth:`predict_interval`: ``(optimistic, pessimistic)``.
+
+        ``optimistic`` is the smallest :math:`n` whose band's lower end reaches the target,
+        ``pessimistic`` the smallest whose upper end does (both searched on a log grid of
+        :math:`n \in [1, 10^{15}]`, refined by bisection to 0.1%); ``inf`` where the band never
+        reaches it in that range. :meth:`samples_for` lies between them.
+        """
+        target, scalar = _as_sizes(target_gap, "target_gap")
+        if not scalar:
+            raise TypeError("`target_gap` must be a number.")
+        goal = float(target)
+
+        def first_reaching(end: int) -> float:
+            def reaches(log_n: float) -> bool:
+                band = self.predict_interval(math.exp(log_n), level)
+                return band[end] <= goal  # type: ignore[index, operator]
+
+            grid = torch.linspace(0.0, 15 * math.log(10), 601, dtype=torch.float64)
+            low, high = self.predict_interval(grid.exp(), level)
+            hit = ((low if end == 0 else high) <= goal).nonzero()  # type: ignore[operator]
+            if not hit.numel():
+                return math.inf
+            i = int(hit[0])
+            if i == 0:
+                return 1.0
+            lo, hi = float(grid[i - 1]), float(grid[i])
+            while hi - lo > 1e-3:
+                mid = 0.5 * (lo + hi)
+                lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+            return math.exp(hi)
+
+        return first_reaching(0), first_reaching(1)
+
     def effective_size(self, observed: float) -> float:
         r"""The training-set size at which the law reaches the gap ``observed``: :math:`(J/R)^{d/p}`.
 
