@@ -15,15 +15,49 @@ Public API (see the README)::
     gapcallback.optim: PopulationRiskAdamW
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from gapcallback import functional, optim, symmetry
-from gapcallback.callbacks import GapCallback, GapEarlyStopping, GapEvaluationWarning, GradientSNR
-from gapcallback.evaluation.evaluate import evaluate
-from gapcallback.evaluation.prepared import PreparedReference, prepare_reference
+from gapcallback.evaluation.offline import evaluate
+from gapcallback.evaluation.prepared import (
+    GapEvaluationWarning,
+    PreparedReference,
+    prepare_reference,
+)
 from gapcallback.evaluation.reference_file import load_reference, save_reference
 from gapcallback.law import GapLaw
 from gapcallback.metrics import IntrinsicDimension, RepresentationGap
 
+if TYPE_CHECKING:
+    from gapcallback.callbacks import GapCallback, GapEarlyStopping, GradientSNR
+
 __version__ = "0.1.0"
+
+#: Imported on first use: the callbacks import Lightning (seconds), which the command line and
+#: the functional API do not need.
+_LAZY = {
+    "GapCallback": "gapcallback.callbacks",
+    "GapEarlyStopping": "gapcallback.callbacks",
+    "GradientSNR": "gapcallback.callbacks",
+    "callbacks": "gapcallback.callbacks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = module if name == "callbacks" else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gapcallback' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "GapCallback",

@@ -29,7 +29,7 @@ LAYERS = {
     "evaluation": 6,
     "callbacks": 7,
     "cli": 8,
-    "__main__": 8,
+    "__main__": 9,
 }
 
 
@@ -171,7 +171,8 @@ def test_module_names_do_not_shadow_public_functions() -> None:
     import types
 
     for package in ("gapcallback", "gapcallback.functional", "gapcallback.search",
-                    "gapcallback.symmetry", "gapcallback.metrics", "gapcallback.callbacks"):  # fmt: skip
+                    "gapcallback.symmetry", "gapcallback.metrics", "gapcallback.callbacks",
+                    "gapcallback.evaluation", "gapcallback.cli"):  # fmt: skip
         pkg = importlib.import_module(package)
         for name, path in MODULES.items():
             if name.rsplit(".", 1)[0] == package and path.name != "__init__.py":

@@ -37,7 +37,14 @@ from gapcallback.evaluation.prepared import (
 )
 from gapcallback.symmetry.base import Symmetry
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SUFFIX", "load_reference", "save_reference"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SUFFIX",
+    "library_version",
+    "load_reference",
+    "save_reference",
+]
 
 FORMAT = "gapcallback-reference"
 FORMAT_VERSION = 1
@@ -45,7 +52,8 @@ FORMAT_VERSION = 1
 SUFFIX = ".gapref"
 
 
-def _library_version() -> str:
+def library_version() -> str:
+    """The installed gapcallback's version (``"unknown"`` for an uninstalled source tree)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -78,7 +86,7 @@ def save_reference(
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
+        "library_version": library_version(),
         "data_hash": data_hash(reference, train),
         "reference_hash": data_hash(reference),
         "has_train_points": bool(include_train and train is not None),
@@ -142,7 +150,7 @@ def load_reference(
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{str(path)!r} has reference-file format version {version} (written by gapcallback "
-            f"{metadata.get('library_version', '?')}); this gapcallback {_library_version()} "
+            f"{metadata.get('library_version', '?')}); this gapcallback {library_version()} "
             f"reads version {FORMAT_VERSION}. Rebuild it with this version: gapcallback "
             "reference --reference R --train T --out FILE."
         )

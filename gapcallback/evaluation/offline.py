@@ -42,6 +42,7 @@ from gapcallback.evaluation.prepared import (
     prepare_reference,
 )
 from gapcallback.evaluation.processes import (
+    Processes,
     agree,
     broadcast_from_zero,
     current_processes,
@@ -82,6 +83,7 @@ def evaluate(
     input_key: int | str = 0,
     max_points: int | None = None,
     device: torch.device | str | None = None,
+    shard_samples: bool = True,
     shard_references: bool = False,
     figure: str | Path | None = None,
     on_error: OnError = "warn",
@@ -120,6 +122,9 @@ def evaluate(
         input_key: index/key of the input tensor in tuple/list/dict batches.
         max_points: cap on the points taken from ``reference`` and ``train`` loaders.
         device: where the measurements run (default: CPU, or this process's GPU under NCCL).
+        shard_samples: in a process group, split ``samples`` across the processes (``True``,
+            every process passes the same samples); ``False``: each process passes its own
+            samples (drawn on it), which are not split again.
         shard_references: in a process group, split the references across processes too.
         figure: save the figure (law and this evaluation) as a PNG at this path (matplotlib).
         on_error: ``"warn"`` (default) or ``"raise"`` on a failing optional part.
@@ -152,7 +157,13 @@ def evaluate(
         check_dimension_method(dimension_method, name="dimension_method")
     dimension_points = check_positive_int(dimension_points, "dimension_points", minimum=3)
     seed = check_positive_int(seed, "seed", minimum=0)
+    check_bool(shard_samples, "shard_samples")
     check_bool(shard_references, "shard_references")
+    if shard_references and not shard_samples:
+        raise ValueError(
+            "`shard_references=True` needs every process to see every sample: it cannot be "
+            "combined with `shard_samples=False` (each process's own samples)."
+        )
     check_bool(progress, "progress")
     if on_error not in ("warn", "raise"):
         raise ValueError(f"`on_error` must be 'warn' or 'raise', got {on_error!r}.")
@@ -233,7 +244,7 @@ def evaluate(
                 transform,
                 input_key,
                 device,
-                processes,
+                processes if shard_samples else Processes(0, 1),
                 all_rows_needed=reference_rows is not None,
                 progress=progress and processes.rank == 0,
             ):
@@ -451,7 +462,9 @@ def _bar(items: Iterable[Any], show: bool, total: int | None) -> Iterable[Any]:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, total=total, desc="gapcallback evaluate", unit="block", leave=False)
+    return tqdm(
+        items, total=total, desc="gapcallback evaluate", unit="block", leave=False, delay=2.0
+    )
 
 
 def _warn_scale(reference: Tensor, sample_stats: FeatureStats) -> None:
