@@ -50,3 +50,17 @@ def test_design_card_public_names():
         for c in (PopulationRiskAdamW, CyclicShifts, FiniteGroup, Permutations, RigidMotions)
     )
     assert isinstance(gc.__version__, str)
+    # Added in December 2026: the offline evaluation and the command line.
+    for name in ["evaluate", "prepare_reference", "save_reference", "load_reference"]:
+        assert callable(getattr(gc, name))
+    import contextlib
+    import io
+
+    import pytest
+
+    from gapcallback.cli.main import build_parser
+
+    for command in ("evaluate", "plan", "checkpoints", "reference"):
+        with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stdout(io.StringIO()):
+            build_parser().parse_args([command, "--help"])
+        assert exit_info.value.code == 0
