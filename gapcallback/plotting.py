@@ -245,6 +245,67 @@ def gap_history_figure(
     return fig
 
 
+def evaluation_values_figure(
+    values: dict[str, float],
+    *,
+    law: GapLaw | None,
+    n_train: int | None,
+    memorization_gap: float | None,
+    title: str = "",
+) -> Any:
+    """One evaluation (``gc.evaluate``, ``gapcallback evaluate``): the law panel with the model's
+    gap at its effective size and the training set's own gap, and the values as a table.
+
+    Args:
+        values: the evaluation's keys (:func:`gapcallback.evaluate`).
+        law, n_train, memorization_gap: as in :func:`gap_history_figure`.
+        title: a title over the figure (e.g. the samples' file).
+
+    Returns:
+        the matplotlib ``Figure`` (its own Agg canvas).
+    """
+    fig = new_figure((10, 4))
+    ax_law, ax_text = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    observed = values.get("gap/observed")
+    effective = values.get("gap/effective_n", math.nan)
+    if law is not None:
+        upper = max(float(law.sizes.max()) if law.sizes.numel() else 1.0, float(n_train or 1))
+        n_hi = max(4.0 * upper, effective if math.isfinite(effective) else 0.0)
+        plot_law(law, ax=ax_law, n_max=min(n_hi, 1e4 * upper))
+        if observed is not None and math.isfinite(effective):
+            ax_law.scatter(
+                [effective], [observed], color="C2", marker="x", s=60, zorder=5,
+                label=f"model (at effective n = {effective:.3g})",
+            )  # fmt: skip
+    if observed is not None:
+        ax_law.axhline(observed, color="C2", ls=":", lw=1, label="observed gap")
+    if n_train and memorization_gap:
+        ax_law.scatter(
+            [n_train], [memorization_gap], color="C3", marker="s", zorder=6,
+            label=f"training set (n={n_train})",
+        )  # fmt: skip
+    if law is None and not (n_train and memorization_gap):
+        ax_law.text(
+            0.5, 0.5, "no law: pass a training set", ha="center", transform=ax_law.transAxes
+        )
+    ax_law.set_xscale("log")
+    ax_law.set_yscale("log")
+    ax_law.set_xlabel("training-set size n")
+    ax_law.set_ylabel("representation gap")
+    ax_law.legend(fontsize=7)
+    ax_law.set_title("gap law")
+    ax_text.axis("off")
+    lines = [f"{key:<24}{value:>12.5g}" for key, value in values.items()]
+    ax_text.text(0.0, 1.0, "\n".join(lines), family="monospace", fontsize=9, va="top",
+                 transform=ax_text.transAxes)  # fmt: skip
+    ax_text.set_title("values")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _plain_log_ticks(ax_law)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.88, wspace=0.15)
+    return fig
+
+
 def _plain_log_ticks(ax: Any) -> None:
     """Plain-text labels on log axes (``0.001``, ``1e+04``), at most 6 major ticks, no minor ticks.
 

@@ -108,14 +108,14 @@ def run(args: argparse.Namespace) -> int:
         with staged_outputs(args.out) as folder:
             write_results(folder, "metrics", payload, [values])
             if not args.no_figure:
-                _figure(values, prepared, folder / FIGURE)
+                _figure(values, prepared, folder / FIGURE, _title(args, payload))
     report(args, payload, rows, ["key", "value"], title=_title(args, payload))
     return 0
 
 
-def _figure(values: dict[str, float], prepared: Any, path: Path) -> None:
+def _figure(values: dict[str, float], prepared: Any, path: Path, title: str) -> None:
     try:
-        evaluation_figure(values, prepared, path=path)
+        evaluation_figure(values, prepared, path=path, title=title)
     except ImportError as err:  # matplotlib is an optional extra
         import sys
 

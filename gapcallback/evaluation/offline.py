@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,9 @@ def evaluate(
         )
     if figure is not None and not isinstance(figure, (str, Path)):
         raise TypeError(f"`figure` must be a file path for the PNG, got {figure!r}.")
+    refused = _refuse_samples(samples, reference, transform, sample_transform)
+    if not agree(refused is None, device=torch.device(device) if device else _default_device()):
+        raise refused or ValueError("`samples` were refused on another process (see its error).")
     if isinstance(reference, PreparedReference):
         if train is not None:
             raise ValueError(
@@ -288,20 +291,24 @@ def evaluate(
 
 
 def evaluation_figure(
-    values: Mapping[str, float], prepared: PreparedReference, path: str | Path | None = None
+    values: Mapping[str, float],
+    prepared: PreparedReference,
+    path: str | Path | None = None,
+    title: str = "",
 ) -> Any:
-    """The callback's figure (law panel + values) for one evaluation; saved as PNG at ``path``.
+    """The figure of one evaluation (:func:`gapcallback.plotting.evaluation_values_figure`): the
+    law with the model's gap at its effective size, and the values; saved as PNG at ``path``.
 
     Returns the matplotlib ``Figure``.
     """
-    from gapcallback.plotting import gap_history_figure, render_rgb, save_png
+    from gapcallback.plotting import evaluation_values_figure, render_rgb, save_png
 
-    record = {"evaluation": 0, "epoch": 0, "step": 0, "skipped": False, **values}
-    fig = gap_history_figure(
-        [record],
+    fig = evaluation_values_figure(
+        dict(values),
         law=prepared.law,
         n_train=prepared.n_train,
         memorization_gap=prepared.memorization_gap,
+        title=title,
     )
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -455,6 +462,43 @@ def _to_task_space(
             f"{expected}; pass samples of the references' space (or the same `transform`)."
         )
     return block.to(device)
+
+
+def _refuse_samples(
+    samples: Samples, reference: Any, transform: Any, sample_transform: Any
+) -> ValueError | None:
+    """The error for empty, mis-shaped or non-finite samples, found before the preparation (the
+    law's fit); what depends on the transforms is checked block by block as they are measured."""
+    if not isinstance(samples, (Tensor, np.ndarray)):
+        if isinstance(samples, Sized) and len(samples) == 0:
+            return ValueError("`samples` is empty (no batches); pass at least one sample.")
+        return None
+    shape = tuple(samples.shape)
+    if len(shape) < 1 or shape[0] == 0:
+        return ValueError(f"`samples` is empty (shape {shape}); pass samples.")
+    if transform is not None or sample_transform is not None:
+        return None
+    points = reference.reference if isinstance(reference, PreparedReference) else reference
+    if isinstance(points, (Tensor, np.ndarray)) and tuple(points.shape[1:]) != shape[1:]:
+        return ValueError(
+            f"`samples` have per-point shape {shape[1:]} but the references "
+            f"{tuple(points.shape[1:])}; pass samples of the references' space (or the same "
+            "`transform`)."
+        )
+    values = batch_to_tensor(samples, 0, "samples")
+    if not values.is_floating_point():
+        return None
+    step = max(1, MEASURE_BLOCK_VALUES // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        finite = torch.isfinite(values[start : start + step])
+        if not bool(finite.all()):
+            bad = (~finite.reshape(finite.shape[0], -1)).any(dim=1)
+            first = start + int(bad.nonzero()[0, 0])
+            return ValueError(
+                f"`samples` contain NaN or Inf (first: row {first}); remove or repair those "
+                "samples."
+            )
+    return None
 
 
 def _bar(items: Iterable[Any], show: bool, total: int | None) -> Iterable[Any]:
