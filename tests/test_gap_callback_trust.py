@@ -249,6 +249,9 @@ def test_scale_mismatch_rule():
     assert "2 * reference - 1." in scale_mismatch(ref, stats(2 * unit - 1))
     assert scale_mismatch(stats(2 * unit - 1), ref) is not None  # the other way round
     assert "255 * reference" in scale_mismatch(ref, stats(255 * unit))
+    # A model that collapsed to one point: no affine fix is suggested (no division by zero).
+    collapsed = scale_mismatch(ref, stats(torch.full((500, 16), 0.3)))
+    assert "do not vary" in collapsed and "/ 0" not in collapsed and "lambda" not in collapsed
     # Streaming moments equal the one-shot ones (an independent float64 oracle).
     one = stats(unit.double())
     assert one.location == pytest.approx(float(unit.double().mean()), rel=1e-12)

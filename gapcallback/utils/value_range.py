@@ -106,6 +106,13 @@ def scale_mismatch(reference: FeatureStats, samples: FeatureStats) -> str | None
     shift = abs(c_smp - c_ref) / max(min(s_ref, s_smp), tiny)
     if 1.0 / _SCALE_RATIO <= ratio <= _SCALE_RATIO and shift <= _SHIFT_IN_SCALES:
         return None
+    if s_smp <= tiny or s_ref <= tiny:  # no affine map relates a constant set to a spread one
+        which = "samples" if s_smp <= tiny else "reference points"
+        return (
+            f"samples: {samples.describe()}; reference: {reference.describe()}; the {which} do "
+            "not vary (every point is the same), so no change of scale maps one onto the other: "
+            "check what the model (or the data loader) returns"
+        )
     a = float(f"{ratio:.3g}")
     b = c_smp - ratio * c_ref
     b = 0.0 if abs(b) < 0.01 * s_smp else float(f"{b:.3g}")
