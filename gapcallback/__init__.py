@@ -29,10 +29,15 @@ from gapcallback.evaluation.prepared import (
 )
 from gapcallback.evaluation.reference_file import load_reference, save_reference
 from gapcallback.law import GapLaw
-from gapcallback.metrics import IntrinsicDimension, RepresentationGap
+from gapcallback.metrics import IntrinsicDimension, PredictionGap, RepresentationGap
 
 if TYPE_CHECKING:
-    from gapcallback.callbacks import GapCallback, GapEarlyStopping, GradientSNR
+    from gapcallback.callbacks import (
+        GapCallback,
+        GapEarlyStopping,
+        GradientSNR,
+        PredictionGapCallback,
+    )
 
 __version__ = "0.1.0"
 
@@ -42,6 +47,7 @@ _LAZY = {
     "GapCallback": "gapcallback.callbacks",
     "GapEarlyStopping": "gapcallback.callbacks",
     "GradientSNR": "gapcallback.callbacks",
+    "PredictionGapCallback": "gapcallback.callbacks",
     "callbacks": "gapcallback.callbacks",
 }
 
@@ -66,6 +72,8 @@ __all__ = [
     "GapLaw",
     "GradientSNR",
     "IntrinsicDimension",
+    "PredictionGap",
+    "PredictionGapCallback",
     "PreparedReference",
     "RepresentationGap",
     "__version__",

@@ -3,5 +3,12 @@
 from gapcallback.callbacks.early_stopping import GapEarlyStopping
 from gapcallback.callbacks.gap_callback import GapCallback, GapEvaluationWarning
 from gapcallback.callbacks.gradient_snr import GradientSNR
+from gapcallback.callbacks.prediction_gap_callback import PredictionGapCallback
 
-__all__ = ["GapCallback", "GapEarlyStopping", "GapEvaluationWarning", "GradientSNR"]
+__all__ = [
+    "GapCallback",
+    "GapEarlyStopping",
+    "GapEvaluationWarning",
+    "GradientSNR",
+    "PredictionGapCallback",
+]

@@ -15,8 +15,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-from gapcallback.callbacks.gap_callback import LOGGED_KEYS, GapCallback
+from gapcallback.callbacks.gap_callback import GapCallback
+from gapcallback.callbacks.prediction_gap_callback import PREDICTION_KEYS
 from gapcallback.utils.checks import check_bool, check_choice, check_number, check_positive_int
+
+LOGGED_KEYS = PREDICTION_KEYS
+"""Every key a gap callback may log (``GapCallback``: all but ``gap/risk``)."""
 
 __all__ = ["GapEarlyStopping"]
 
@@ -45,7 +49,7 @@ class GapEarlyStopping(EarlyStopping):
         TypeError, ValueError: at construction, for an argument of the wrong type or out of range
             (``patience < 0``, NaN ``min_delta`` or thresholds, ``mode`` not ``"min"``/``"max"``,
             thresholds in the wrong order for ``mode``), or a ``monitor`` that no GapCallback logs
-            (any of :data:`~gapcallback.callbacks.gap_callback.LOGGED_KEYS` behind a prefix; the
+            (any of :data:`~gapcallback.callbacks.prediction_gap_callback.PREDICTION_KEYS` behind a prefix; the
             keys of ``callback`` when it is given). At setup, when no GapCallback of the Trainer
             logs ``monitor`` (the error lists the keys they log) or ``callback`` is not in it.
 
@@ -217,7 +221,7 @@ class GapEarlyStopping(EarlyStopping):
 
 def _keys(callback: GapCallback) -> list[str]:
     """Every key ``callback`` may log (behind its prefix)."""
-    return [callback.key(name) for name in LOGGED_KEYS]
+    return list(callback.logged_keys)
 
 
 def _check_monitor(monitor: object, callback: GapCallback | None) -> None:

@@ -83,7 +83,7 @@ from gapcallback.utils.modes import eval_mode
 from gapcallback.utils.rng import derive_seed, isolated_rng
 from gapcallback.utils.value_range import FeatureStats, scale_mismatch
 
-__all__ = ["LOGGED_KEYS", "GapCallback", "GapEvaluationWarning"]
+__all__ = ["LOGGED_KEYS", "EvaluationFault", "GapCallback", "GapEvaluationWarning"]
 
 _LOG = get_logger("callback")
 
@@ -93,8 +93,10 @@ LOGGED_KEYS = (*EVALUATION_KEYS, "gap/skipped_evaluations")
 Sampler = Callable[..., Tensor]
 
 
-class _EvaluationFault(Exception):
-    """Raised inside an evaluation for faults of the user's sampler or its output."""
+class EvaluationFault(Exception):
+    """A fault of the user's sampler (or predictor) or of its output, raised inside an
+    evaluation: the evaluation is skipped with a :class:`GapEvaluationWarning` (or, with
+    ``on_error="raise"``, re-raised as a ``RuntimeError``) and training goes on."""
 
 
 _DATA_SEED = DATA_SEED
@@ -509,22 +511,10 @@ class GapCallback(Callback):
             if not self._data_ready:
                 self._adopt(given)
         else:
-            reference = collect_points(
-                self.reference_source,  # type: ignore[arg-type]
-                "reference",
-                transform=self.transform,
-                input_key=self.input_key,
-                max_points=self.max_points,
-            )
+            reference = self.collect(self.reference_source, "reference")
             train = None
             if self.train_source is not None:
-                train = collect_points(
-                    self.train_source,
-                    "train",
-                    transform=self.transform,
-                    input_key=self.input_key,
-                    max_points=self.max_points,
-                )
+                train = self.collect(self.train_source, "train")
                 if train.shape[1:] != reference.shape[1:]:
                     raise ValueError(
                         f"`train` points have shape {tuple(train.shape[1:])} but `reference` "
@@ -600,6 +590,17 @@ class GapCallback(Callback):
             failures=dict(self.preparation_failures),
         )
 
+    def collect(self, source: Any, name: str) -> Tensor:
+        """``reference``/``train`` (named ``name``) as points ``[N, *dims]`` in task space: the
+        extension point of subclasses that measure other points (pairs, for a predictor)."""
+        return collect_points(
+            source,
+            name,
+            transform=self.transform,
+            input_key=self.input_key,
+            max_points=self.max_points,
+        )
+
     def _adopt(self, prepared: PreparedReference) -> None:
         """Take the data-only quantities of ``prepared`` (a law given to the callback wins)."""
         if not isinstance(self._law_option, GapLaw):
@@ -654,7 +655,8 @@ class GapCallback(Callback):
             self._skip(trainer, pl_module, record, error, on_step)
             return
         assert self._prepared is not None and local is not None
-        values = {self.key(k): v for k, v in measured_values(self._prepared, measured).items()}
+        derived = {**measured_values(self._prepared, measured), **self.additional_values(trainer)}
+        values = {self.key(k): v for k, v in derived.items()}
         values[self.key("gap/skipped_evaluations")] = float(self.num_skipped)
         record.update(values)
         self.history.append(record)
@@ -688,8 +690,7 @@ class GapCallback(Callback):
         """
         assert self._gap_metric is not None and self._reference is not None
         device = pl_module.device
-        rank, world = trainer.global_rank, trainer.world_size
-        n_local = self.num_samples // world + (1 if rank < self.num_samples % world else 0)
+        rank = trainer.global_rank
         id_metric = None
         if self.dimension_method is not None:
             id_metric = IntrinsicDimension(
@@ -708,8 +709,8 @@ class GapCallback(Callback):
         pending: list[Tensor] = []
         pending_values = 0
         with isolated_rng(eval_seed, device), torch.no_grad(), eval_mode(pl_module):
-            for n in self._progress(_batch_sizes(n_local, self.sample_batch_size), trainer, index):
-                pending.append(self._draw(pl_module, n, generator))
+            for batch in self.draw_batches(trainer, pl_module, index, generator):
+                pending.append(batch)
                 pending_values += pending[-1].numel()
                 if pending_values >= MEASURE_BLOCK_VALUES:
                     measurement.update(torch.cat(pending))
@@ -717,6 +718,32 @@ class GapCallback(Callback):
             if pending:
                 measurement.update(torch.cat(pending))
         return measurement
+
+    def draw_batches(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        index: int,
+        generator: torch.Generator,
+    ) -> Iterator[Tensor]:
+        """This process's points of evaluation ``index``, batch by batch, in task space
+        ``[B, *dims]`` (the references' space).
+
+        The extension point of subclasses (:class:`~gapcallback.PredictionGapCallback` yields
+        probe pairs): here, the rank's share of ``num_samples`` samples from the sampler, in
+        batches of ``sample_batch_size``, each checked and transformed by :meth:`_draw`. Runs
+        under ``torch.no_grad()``, the module in eval mode and the evaluation's seeded streams; a
+        fault raises and skips the evaluation.
+        """
+        rank, world = trainer.global_rank, trainer.world_size
+        n_local = self.num_samples // world + (1 if rank < self.num_samples % world else 0)
+        for n in self._progress(_batch_sizes(n_local, self.sample_batch_size), trainer, index):
+            yield self._draw(pl_module, n, generator)
+
+    def additional_values(self, trainer: pl.Trainer) -> dict[str, float]:
+        """Keys a subclass logs beside the gap's (unprefixed), after the gap's collectives and
+        on every process (it may run its own); none here."""
+        return {}
 
     def _train_on(self, device: torch.device) -> Tensor | None:
         """The training points on ``device`` (copied once per device), ``None`` below 2 points."""
@@ -736,9 +763,9 @@ class GapCallback(Callback):
         try:
             samples = fn(*args, **kwargs)
         except Exception as err:
-            raise _EvaluationFault(f"the sampler raised {type(err).__name__}: {err}") from err
+            raise EvaluationFault(f"the sampler raised {type(err).__name__}: {err}") from err
         if not isinstance(samples, Tensor):
-            raise _EvaluationFault(f"the sampler returned {type(samples).__name__}, not a tensor")
+            raise EvaluationFault(f"the sampler returned {type(samples).__name__}, not a tensor")
         samples = samples.detach()
         for name, fn in (
             ("sample_transform", self.sample_transform),
@@ -749,30 +776,28 @@ class GapCallback(Callback):
             try:
                 samples = fn(samples)
             except Exception as err:
-                raise _EvaluationFault(
+                raise EvaluationFault(
                     f"`{name}` raised {type(err).__name__} on the samples: {err}"
                 ) from err
             if not isinstance(samples, Tensor):
-                raise _EvaluationFault(f"`{name}` returned {type(samples).__name__}, not a tensor")
+                raise EvaluationFault(f"`{name}` returned {type(samples).__name__}, not a tensor")
         assert self._reference is not None
         expected = tuple(self._reference.shape[1:])
         if samples.ndim < 1 or tuple(samples.shape[1:]) != expected:
-            raise _EvaluationFault(
+            raise EvaluationFault(
                 f"the sampler returned shape {tuple(samples.shape)}, expected [{n}, "
                 f"{', '.join(map(str, expected))}] like the reference points"
             )
         if samples.shape[0] < n:
-            raise _EvaluationFault(
+            raise EvaluationFault(
                 f"the sampler returned {samples.shape[0]} samples, {n} were asked"
             )
         samples = samples[:n]
         if not samples.is_floating_point():
-            raise _EvaluationFault(
-                f"the sampler returned dtype {samples.dtype}, not floating point"
-            )
+            raise EvaluationFault(f"the sampler returned dtype {samples.dtype}, not floating point")
         if not bool(torch.isfinite(samples).all()):
             bad = int((~torch.isfinite(samples.reshape(n, -1))).any(1).sum())
-            raise _EvaluationFault(f"the sampler returned NaN/Inf in {bad} of {n} samples")
+            raise EvaluationFault(f"the sampler returned NaN/Inf in {bad} of {n} samples")
         return samples.to(self._gap_metric.reference.device)  # type: ignore[union-attr]
 
     def _reduce(self, trainer: pl.Trainer, local: SampleMeasurement) -> MeasuredSamples:
@@ -827,7 +852,7 @@ class GapCallback(Callback):
     ) -> None:
         reason = (
             f"{error}"
-            if isinstance(error, _EvaluationFault)
+            if isinstance(error, EvaluationFault)
             else describe_error(error)
             if error is not None
             else "an evaluation step failed on another process"

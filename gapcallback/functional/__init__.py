@@ -3,6 +3,8 @@
 =================================  ==========================================================
 ``knn``                            ``functional/nearest_neighbours.py``: exact k nearest neighbours
 ``representation_gap``             ``functional/gap.py``
+``prediction_gap`` (+ risk, joint) ``functional/prediction.py``: the gap of a prediction task on
+                                   joint vectors ``[x, w y]``
 ``memorization``                   ``functional/memorized.py`` (Gu et al. 2023)
 ``intrinsic_dimension`` (+ ...)    ``functional/dimension.py``: TwoNN, MLE, gap
                                    slope, calibrated default, multiscale view
@@ -46,6 +48,7 @@ from gapcallback.functional.gradient_signal import (
 )
 from gapcallback.functional.memorized import MemorizationResult, memorization
 from gapcallback.functional.nearest_neighbours import KNNResult, knn
+from gapcallback.functional.prediction import joint_points, prediction_gap, prediction_risk
 
 __all__ = [
     "DimensionEstimate",
@@ -63,6 +66,7 @@ __all__ = [
     "gradient_snr",
     "intrinsic_dimension",
     "intrinsic_dimension_estimate",
+    "joint_points",
     "knn",
     "measure_gap_curve",
     "memorization",
@@ -71,5 +75,7 @@ __all__ = [
     "osgr_weights",
     "per_sample_gradients",
     "predicted_gap_growth",
+    "prediction_gap",
+    "prediction_risk",
     "representation_gap",
 ]

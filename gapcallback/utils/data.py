@@ -112,3 +112,66 @@ def collect_points(
     if not points.is_floating_point():
         points = points.float()
     return check_point_set(points, name)
+
+
+def collect_pairs(
+    source: Any,
+    name: str,
+    *,
+    input_key: int | str = 0,
+    target_key: int | str = 1,
+    max_points: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Materialise pairs ``(x, y)`` as two CPU tensors ``[N, *x_dims]``, ``[N, *y_dims]``.
+
+    Args:
+        source: a pair of tensors / numpy arrays ``(x, y)`` with the same number of rows, or an
+            iterable of batches (a ``DataLoader``) whose batches hold the inputs at
+            ``input_key`` and the targets at ``target_key``.
+        name: argument name used in error messages.
+        input_key, target_key: positions / keys of the inputs and targets in a batch.
+        max_points: stop after this many pairs (the first ones in iteration order).
+    """
+    if (
+        isinstance(source, (tuple, list))
+        and len(source) == 2
+        and all(isinstance(part, (Tensor, np.ndarray)) for part in source)
+    ):
+        xs = [batch_to_tensor(source[0], 0, f"{name}[0]")]
+        ys = [batch_to_tensor(source[1], 0, f"{name}[1]")]
+    elif isinstance(source, Iterable) and not isinstance(source, (str, bytes, Tensor, np.ndarray)):
+        xs, ys, count = [], [], 0
+        for batch in source:
+            if not isinstance(batch, (list, tuple, Mapping)):
+                raise TypeError(
+                    f"A batch of `{name}` is a {type(batch).__name__}; pairs need batches holding "
+                    f"inputs and targets (e.g. (x, y) from a TensorDataset), at `input_key`="
+                    f"{input_key!r} and `target_key`={target_key!r}."
+                )
+            xs.append(batch_to_tensor(batch, input_key, name))
+            ys.append(batch_to_tensor(batch, target_key, name))
+            if xs[-1].shape[:1] != ys[-1].shape[:1]:
+                raise ValueError(
+                    f"A batch of `{name}` has {xs[-1].shape[0]} inputs but {ys[-1].shape[0]} "
+                    "targets; each input needs its target."
+                )
+            count += int(xs[-1].shape[0])
+            if max_points is not None and count >= max_points:
+                break
+    else:
+        raise TypeError(
+            f"`{name}` must be a pair of tensors (x, y) or a DataLoader/iterable of (x, y) "
+            f"batches, got {type(source).__name__}."
+        )
+    if not xs:
+        raise ValueError(f"`{name}` yielded no data; pass non-empty (x, y) pairs.")
+    x = torch.cat([t.detach().cpu() for t in xs]) if len(xs) > 1 else xs[0].detach().cpu()
+    y = torch.cat([t.detach().cpu() for t in ys]) if len(ys) > 1 else ys[0].detach().cpu()
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"`{name}` has {x.shape[0]} inputs but {y.shape[0]} targets: pass one target per "
+            "input (x and y with the same number of rows)."
+        )
+    if max_points is not None:
+        x, y = x[:max_points], y[:max_points]
+    return x, y
