@@ -29,6 +29,7 @@ from gapcallback.cli.common import (
     add_output_options,
     add_preparation_options,
     apply,
+    check_out_folder,
     dimension_method,
     library_version,
     prepared_reference,
@@ -107,6 +108,7 @@ def checkpoint_step(path: Path) -> tuple[int | None, int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_folder(args)
     if args.num_samples < 1:
         raise InputError(f"--num-samples {args.num_samples}: must be at least 1")
     sampler = load_callable(args.sampler, option="--sampler")

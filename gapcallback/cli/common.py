@@ -27,6 +27,7 @@ __all__ = [
     "add_data_options",
     "add_output_options",
     "add_preparation_options",
+    "check_out_folder",
     "is_reference_file",
     "law_options",
     "library_version",
@@ -104,6 +105,15 @@ def add_output_options(parser: argparse.ArgumentParser, *, out_help: str) -> Non
         help="where the searches run: cpu (default) or cuda[:i] (under torchrun: the process's "
         "GPU with NCCL)",
     )
+
+
+def check_out_folder(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` (an output folder) that exists and is not a folder, before any work."""
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise InputError(
+            f"--out {out}: exists and is not a folder; pass a folder path (created if needed)"
+        )
 
 
 def dimension_method(args: argparse.Namespace) -> str | None:

@@ -11,6 +11,7 @@ from gapcallback.cli.common import (
     add_output_options,
     add_preparation_options,
     apply,
+    check_out_folder,
     dimension_method,
     library_version,
     prepared_reference,
@@ -64,6 +65,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_folder(args)
     transform, sample_transform = transforms(args)
     samples = load_points(args.samples, option="--samples")
     samples = apply(sample_transform, samples, "--sample-transform", "--samples")

@@ -18,6 +18,7 @@ from gapcallback.cli.common import (
     add_data_options,
     add_output_options,
     add_preparation_options,
+    check_out_folder,
     library_version,
     prepared_reference,
     report,
@@ -65,6 +66,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_folder(args)
     if not 0 < args.level < 1:
         raise InputError(f"--level {args.level}: must be a probability in (0, 1), e.g. 0.9")
     for option, values in (("--at", args.at), ("--target-gap", args.target_gap)):
