@@ -183,25 +183,7 @@ def gap_history_figure(
                 label="model (at effective n)",
             )
             fig.colorbar(points, ax=ax_law, label="global step of the evaluation")
-    if n_train and memorization_gap:
-        ax_law.scatter(
-            [n_train],
-            [memorization_gap],
-            color="C3",
-            marker="s",
-            zorder=6,
-            label=f"training set (n={n_train})",
-        )
-    if law is None and not (n_train and memorization_gap):
-        ax_law.text(
-            0.5, 0.5, "no law: pass train= to GapCallback", ha="center", transform=ax_law.transAxes
-        )
-    ax_law.set_xscale("log")
-    ax_law.set_yscale("log")
-    ax_law.set_xlabel("training-set size n")
-    ax_law.set_ylabel("representation gap")
-    ax_law.legend(fontsize=7)
-    ax_law.set_title("gap law")
+    _finish_law_panel(ax_law, law, n_train, memorization_gap, "no law: pass train= to GapCallback")
 
     ax_time.plot(steps, observed, "o-", color="C2", label="observed")
     if law is not None:
@@ -279,21 +261,7 @@ def evaluation_values_figure(
             )  # fmt: skip
     if observed is not None:
         ax_law.axhline(observed, color="C2", ls=":", lw=1, label="observed gap")
-    if n_train and memorization_gap:
-        ax_law.scatter(
-            [n_train], [memorization_gap], color="C3", marker="s", zorder=6,
-            label=f"training set (n={n_train})",
-        )  # fmt: skip
-    if law is None and not (n_train and memorization_gap):
-        ax_law.text(
-            0.5, 0.5, "no law: pass a training set", ha="center", transform=ax_law.transAxes
-        )
-    ax_law.set_xscale("log")
-    ax_law.set_yscale("log")
-    ax_law.set_xlabel("training-set size n")
-    ax_law.set_ylabel("representation gap")
-    ax_law.legend(fontsize=7)
-    ax_law.set_title("gap law")
+    _finish_law_panel(ax_law, law, n_train, memorization_gap, "no law: pass a training set")
     ax_text.axis("off")
     lines = [f"{key:<24}{value:>12.5g}" for key, value in values.items()]
     ax_text.text(0.0, 1.0, "\n".join(lines), family="monospace", fontsize=9, va="top",
@@ -304,6 +272,26 @@ def evaluation_values_figure(
     _plain_log_ticks(ax_law)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.88, wspace=0.15)
     return fig
+
+
+def _finish_law_panel(
+    ax: Any, law: GapLaw | None, n_train: int | None, memorization_gap: float | None, hint: str
+) -> None:
+    """The law panel's common part: the training set's own gap at ``n_train``, the axes, the
+    legend (``hint`` when there is nothing to draw)."""
+    if n_train and memorization_gap:
+        ax.scatter(
+            [n_train], [memorization_gap], color="C3", marker="s", zorder=6,
+            label=f"training set (n={n_train})",
+        )  # fmt: skip
+    if law is None and not (n_train and memorization_gap):
+        ax.text(0.5, 0.5, hint, ha="center", transform=ax.transAxes)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training-set size n")
+    ax.set_ylabel("representation gap")
+    ax.legend(fontsize=7)
+    ax.set_title("gap law")
 
 
 def _plain_log_ticks(ax: Any) -> None:
