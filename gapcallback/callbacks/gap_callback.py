@@ -35,7 +35,6 @@ derived from the reduced states by the pure functions of
 
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -66,6 +65,7 @@ from gapcallback.evaluation.prepared import (
 )
 from gapcallback.evaluation.values import EVALUATION_KEYS, measured_values
 from gapcallback.functional.dimension import check_dimension_method
+from gapcallback.functional.memorized import check_memorization_ratio
 from gapcallback.law import GapLaw
 from gapcallback.metrics.intrinsic_dimension import IntrinsicDimension
 from gapcallback.metrics.representation_gap import RepresentationGap
@@ -73,7 +73,6 @@ from gapcallback.symmetry.base import Symmetry
 from gapcallback.utils.checks import (
     check_bool,
     check_exponent,
-    check_number,
     check_optional_int,
     check_positive_int,
 )
@@ -81,6 +80,7 @@ from gapcallback.utils.data import Transform, check_data_source, collect_points
 from gapcallback.utils.log import get_logger
 from gapcallback.utils.modes import eval_mode
 from gapcallback.utils.rng import derive_seed, isolated_rng
+from gapcallback.utils.signatures import accepts_keyword
 from gapcallback.utils.value_range import FeatureStats, scale_mismatch
 
 __all__ = ["LOGGED_KEYS", "EvaluationFault", "GapCallback", "GapEvaluationWarning"]
@@ -261,18 +261,10 @@ class GapCallback(Callback):
             )
         self.max_points = check_optional_int(max_points, "max_points")
         if isinstance(reference, PreparedReference):
-            if train is not None:
-                raise ValueError(
-                    "`reference` is a prepared reference, which holds its own training set: "
-                    "leave `train=None` (or pass the raw reference points with `train=`)."
-                )
-            if isinstance(law, GapLaw):
-                raise ValueError(
-                    "`reference` is a prepared reference, which holds its own law: pass "
-                    "`law=True` to use it or `law=False` to log no prediction."
-                )
-            reference.check_options(
+            reference.check_use(
                 "given as `reference`",
+                train=train,
+                law=law,
                 p=check_exponent(p),
                 symmetry=symmetry,
                 dimension_method=dimension_method,
@@ -296,7 +288,7 @@ class GapCallback(Callback):
         if dimension_method is not None:
             check_dimension_method(dimension_method, name="dimension_method")
         self.dimension_points = check_positive_int(dimension_points, "dimension_points", minimum=3)
-        self.memorization_ratio = _check_ratio(memorization_ratio)
+        self.memorization_ratio = check_memorization_ratio(memorization_ratio)
         self.input_key = input_key
         self.seed = check_positive_int(seed, "seed", minimum=0)
         self.on_error = on_error
@@ -759,7 +751,7 @@ class GapCallback(Callback):
             fn, args = self.sampler, (pl_module, n)
         else:
             fn, args = pl_module.sample, (n,)  # type: ignore[assignment]
-        kwargs = {"generator": generator} if _accepts_generator(fn) else {}
+        kwargs = {"generator": generator} if accepts_keyword(fn, "generator") else {}
         try:
             samples = fn(*args, **kwargs)
         except Exception as err:
@@ -1090,21 +1082,3 @@ def _batch_sizes(total: int, batch: int) -> list[int]:
     if total % batch:
         sizes.append(total % batch)
     return sizes
-
-
-def _accepts_generator(fn: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def _check_ratio(value: object) -> float:
-    ratio = check_number(value, "memorization_ratio", minimum=0.0, maximum=1.0)
-    if not ratio:
-        raise ValueError(
-            "`memorization_ratio` must be in (0, 1] (a sample is a copy when d1 < ratio * d2; "
-            f"Gu et al. use 1/3), got {value}."
-        )
-    return ratio

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import inspect
 import re
 import sys
 import warnings
@@ -42,6 +41,7 @@ from gapcallback.cli.outputs import staged_outputs
 from gapcallback.evaluation.offline import evaluate
 from gapcallback.evaluation.processes import agree, current_processes, shard_rows
 from gapcallback.utils.rng import derive_seed, isolated_rng
+from gapcallback.utils.signatures import accepts_keyword
 
 __all__ = ["add_parser", "checkpoint_step", "run"]
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     processes = current_processes()
     own = shard_rows(args.num_samples, *processes)
     n_local = own.stop - own.start
-    takes_generator = _accepts_generator(sampler)
+    takes_generator = accepts_keyword(sampler, "generator")
     rows: list[dict[str, Any]] = []
     failed = 0
     for index, path in enumerate(paths):
@@ -211,14 +211,6 @@ def _draw(
     if samples.ndim < 1 or samples.shape[0] != n:
         return None, f"--sampler returned shape {tuple(samples.shape)}, {n} samples were asked"
     return samples.detach().cpu(), None
-
-
-def _accepts_generator(fn: Any) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _figure(rows: list[dict[str, Any]], prepared: Any, path: Path) -> None:

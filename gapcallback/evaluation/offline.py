@@ -53,10 +53,11 @@ from gapcallback.evaluation.processes import (
 from gapcallback.evaluation.values import EVALUATION_KEYS, measured_values
 from gapcallback.functional.dimension import check_dimension_method
 from gapcallback.functional.gap import gap_value
+from gapcallback.functional.memorized import check_memorization_ratio
 from gapcallback.law import GapLaw
 from gapcallback.metrics.representation_gap import RepresentationGap
 from gapcallback.symmetry.base import Symmetry
-from gapcallback.utils.checks import check_bool, check_exponent, check_number, check_positive_int
+from gapcallback.utils.checks import check_bool, check_exponent, check_positive_int
 from gapcallback.utils.data import Transform, batch_to_tensor, check_data_source
 from gapcallback.utils.value_range import FeatureStats, scale_mismatch
 
@@ -147,12 +148,7 @@ def evaluate(
         ['gap/observed']
     """
     p = check_exponent(p)
-    ratio = check_number(memorization_ratio, "memorization_ratio", minimum=0.0, maximum=1.0)
-    if not ratio:
-        raise ValueError(
-            "`memorization_ratio` must be in (0, 1] (a sample is a copy when d1 < ratio * d2; "
-            f"Gu et al. use 1/3), got {memorization_ratio}."
-        )
+    ratio = check_memorization_ratio(memorization_ratio)
     if dimension_method is not None:
         check_dimension_method(dimension_method, name="dimension_method")
     dimension_points = check_positive_int(dimension_points, "dimension_points", minimum=3)
@@ -181,18 +177,10 @@ def evaluate(
     if not agree(refused is None, device=torch.device(device) if device else _default_device()):
         raise refused or ValueError("`samples` were refused on another process (see its error).")
     if isinstance(reference, PreparedReference):
-        if train is not None:
-            raise ValueError(
-                "`reference` is a prepared reference, which holds its own training set: leave "
-                "`train=None`."
-            )
-        if isinstance(law, GapLaw):
-            raise ValueError(
-                "`reference` is a prepared reference, which holds its own law: pass `law=True` "
-                "to use it or `law=False` for no prediction."
-            )
-        reference.check_options(
+        reference.check_use(
             "given as `reference`",
+            train=train,
+            law=law,
             p=p,
             symmetry=symmetry,
             dimension_method=dimension_method,

@@ -184,6 +184,24 @@ class PreparedReference:
             options=dict(summary.get("options") or {}),
         )
 
+    def check_use(
+        self, where: str, *, train: object = None, law: object = True, **asked: Any
+    ) -> None:
+        """Check that this prepared reference can stand for a caller's ``reference`` given its
+        ``train`` (must be ``None``: the prepared reference holds its own), ``law`` (not a fitted
+        ``GapLaw``: it holds its own) and options ``asked`` (:meth:`check_options`)."""
+        if train is not None:
+            raise ValueError(
+                f"The prepared reference {where} holds its own training set: leave `train=None` "
+                "(or pass the raw reference points with `train=`)."
+            )
+        if isinstance(law, GapLaw):
+            raise ValueError(
+                f"The prepared reference {where} holds its own law: pass `law=True` to use it or "
+                "`law=False` for no prediction."
+            )
+        self.check_options(where, **asked)
+
     def check_options(self, where: str, **asked: Any) -> None:
         """Raise ``ValueError`` naming every option of ``asked`` that differs from the ones this
         reference was prepared with (``p``, ``symmetry``, ``dimension_method``, ...).

@@ -18,12 +18,23 @@ from typing import TYPE_CHECKING, NamedTuple
 from torch import Tensor
 
 from gapcallback.functional.nearest_neighbours import DistanceRangeError, exact_knn, output_sq_dists
-from gapcallback.utils.checks import check_point_set, compute_dtype
+from gapcallback.utils.checks import check_number, check_point_set, compute_dtype
 
 if TYPE_CHECKING:
     from gapcallback.symmetry.base import Symmetry
 
-__all__ = ["MemorizationResult", "memorization"]
+__all__ = ["MemorizationResult", "check_memorization_ratio", "memorization"]
+
+
+def check_memorization_ratio(value: object, name: str = "memorization_ratio") -> float:
+    """The memorization test's threshold as a float in (0, 1], or an error naming ``name``."""
+    ratio = check_number(value, name, minimum=0.0, maximum=1.0)
+    if not ratio:
+        raise ValueError(
+            f"`{name}` must be in (0, 1] (a sample is a copy when d1 < ratio * d2; Gu et al. use "
+            f"1/3), got {value}."
+        )
+    return ratio
 
 
 class MemorizationResult(NamedTuple):
