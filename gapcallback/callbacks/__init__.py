@@ -1,5 +1,6 @@
 """Lightning callbacks."""
 
+from gapcallback.callbacks.curvature_diagnostics import GeneralizationDiagnostics
 from gapcallback.callbacks.early_stopping import GapEarlyStopping
 from gapcallback.callbacks.gap_callback import GapCallback, GapEvaluationWarning
 from gapcallback.callbacks.gradient_snr import GradientSNR
@@ -9,6 +10,7 @@ __all__ = [
     "GapCallback",
     "GapEarlyStopping",
     "GapEvaluationWarning",
+    "GeneralizationDiagnostics",
     "GradientSNR",
     "PredictionGapCallback",
 ]

@@ -17,6 +17,9 @@
                                    slope
 ``gradient_snr`` (+ ...)           ``functional/gradient_signal.py``: per-sample gradients, SNR,
                                    one-step generalization ratio (Liu et al. 2020)
+``hessian_eigenvalues`` (+ trace)  ``functional/curvature.py``: sharpness by Lanczos on
+                                   Hessian-vector products, Hutchinson's trace (torch.func)
+``ntk_eigenvalues`` (+ spectrum)   ``functional/ntk.py``: the empirical NTK ``J J^T``, chunked
 =================================  ==========================================================
 
 No function keeps state between calls, except two bounded, documented memos of deterministic
@@ -25,6 +28,7 @@ results: the simulated references of the calibrated estimator
 (``calibration_table.load_table``, one entry); each has ``cache_info()`` and ``cache_clear()``.
 """
 
+from gapcallback.functional.curvature import HessianTrace, hessian_eigenvalues, hessian_trace
 from gapcallback.functional.dimension import (
     DimensionEstimate,
     GapSlope,
@@ -48,22 +52,28 @@ from gapcallback.functional.gradient_signal import (
 )
 from gapcallback.functional.memorized import MemorizationResult, memorization
 from gapcallback.functional.nearest_neighbours import KNNResult, knn
+from gapcallback.functional.ntk import NTKSpectrum, empirical_ntk, ntk_eigenvalues, ntk_spectrum
 from gapcallback.functional.prediction import joint_points, prediction_gap, prediction_risk
 
 __all__ = [
     "DimensionEstimate",
     "GapCurve",
     "GapSlope",
+    "HessianTrace",
     "KNNResult",
     "MemorizationResult",
     "MultiscaleDimension",
+    "NTKSpectrum",
     "StreamingGradientMoments",
     "deduplicate",
+    "empirical_ntk",
     "gap_from_sq_dists",
     "gap_size_grid",
     "gap_slope_dimension",
     "gradient_moments",
     "gradient_snr",
+    "hessian_eigenvalues",
+    "hessian_trace",
     "intrinsic_dimension",
     "intrinsic_dimension_estimate",
     "joint_points",
@@ -71,6 +81,8 @@ __all__ = [
     "measure_gap_curve",
     "memorization",
     "multiscale_dimension",
+    "ntk_eigenvalues",
+    "ntk_spectrum",
     "one_step_generalization_ratio",
     "osgr_weights",
     "per_sample_gradients",
