@@ -32,7 +32,7 @@ from torch import Tensor
 from gapcallback.callbacks.gap_callback import LOGGED_KEYS, EvaluationFault, GapCallback
 from gapcallback.evaluation.prepared import PreparedReference
 from gapcallback.evaluation.processes import shard_rows
-from gapcallback.functional.prediction import check_y_weight, joint_points
+from gapcallback.functional.prediction import check_y_weight, joint_points, round_like_gap
 from gapcallback.utils.checks import (
     check_choice,
     check_exponent,
@@ -314,7 +314,9 @@ class PredictionGapCallback(GapCallback):
         total = total.detach().cpu()
         if float(total[1]) <= 0:
             return {}
-        return {"gap/risk": float(total[0] / total[1])}
+        # Rounded as the gap is (to the joint vectors' dtype), so gap/observed <= gap/risk.
+        risk = round_like_gap(total[0] / total[1], self._gap_metric.gap_dtype)
+        return {"gap/risk": float(risk)}
 
 
 def _check_pair_source(source: Any, name: str, target_transform: Any) -> None:

@@ -44,7 +44,13 @@ from torch import Tensor
 from gapcallback.functional.gap import representation_gap
 from gapcallback.utils.checks import check_exponent, check_point_set, compute_dtype
 
-__all__ = ["check_y_weight", "joint_points", "prediction_gap", "prediction_risk"]
+__all__ = [
+    "check_y_weight",
+    "joint_points",
+    "prediction_gap",
+    "prediction_risk",
+    "round_like_gap",
+]
 
 
 def check_y_weight(y_weight: object) -> float:
@@ -58,6 +64,21 @@ def check_y_weight(y_weight: object) -> float:
             f"distance), got {y_weight!r}."
         )
     return value
+
+
+def round_like_gap(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float64 mean rounded to ``dtype`` as the gap's float64 mean is (kept in float64 below
+    ``dtype``'s smallest normal number or above its largest), returned in float64.
+
+    :func:`prediction_gap` casts its float64 mean to the inputs' dtype; the risk rounded the same
+    way keeps ``gap <= risk`` after the cast (rounding to nearest is monotone), where the
+    unrounded float64 risk can be half a float32 ulp below a gap that equals it in float64.
+    """
+    v = float(value)
+    info = torch.finfo(dtype)
+    if dtype == torch.float64 or not (info.tiny <= v <= info.max):
+        return value.to(torch.float64)
+    return value.to(dtype).to(torch.float64)
 
 
 def _targets(y: Tensor, rows: int, name: str, x_name: str) -> Tensor:
@@ -165,8 +186,9 @@ def prediction_risk(
 ) -> Tensor:
     r"""The test risk at the gap's loss, :math:`w^p \frac1m \sum_i \lVert y_i - f(x_i) \rVert^p`.
 
-    Computed on the same scaled targets as :func:`joint_points` (float64 differences), so
-    :func:`prediction_gap` with the reference inputs among the probes is never above it.
+    Computed on the same scaled targets as :func:`joint_points` (float64 differences) and rounded
+    to their dtype as the gap is (:func:`round_like_gap`), so :func:`prediction_gap` with the
+    reference inputs among the probes is never above it.
 
     Args:
         ref_y: ``[m, *y_dims]`` targets.
@@ -189,4 +211,4 @@ def prediction_risk(
     dtype = compute_dtype(y, f)
     scale = (lambda t: t.to(dtype) * w) if w != 1.0 else (lambda t: t.to(dtype))
     sq = (scale(y).double() - scale(f).double()).pow(2).sum(1)
-    return sq.pow(p / 2).mean()
+    return round_like_gap(sq.pow(p / 2).mean(), dtype)
