@@ -8,7 +8,8 @@ Public API (see the README)::
     F.knn, F.representation_gap, F.memorization, F.intrinsic_dimension   # functional/
     gc.RepresentationGap, gc.IntrinsicDimension                          # metrics/
     gc.GapLaw                                                            # law.py
-    gc.GapCallback, gc.GapEarlyStopping, gc.GradientSNR                  # callbacks/
+    gc.GapCallback, gc.PredictionGapCallback, gc.GapEarlyStopping        # callbacks/
+    gc.GradientSNR, gc.GeneralizationDiagnostics                         # callbacks/
     gc.evaluate, gc.prepare_reference, gc.load_reference, gc.save_reference  # evaluation/
     python -m gapcallback evaluate|plan|checkpoints|reference            # cli/
     gapcallback.symmetry: FiniteGroup, CyclicShifts, RigidMotions, Permutations
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from gapcallback.callbacks import (
         GapCallback,
         GapEarlyStopping,
+        GeneralizationDiagnostics,
         GradientSNR,
         PredictionGapCallback,
     )
@@ -46,6 +48,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "GapCallback": "gapcallback.callbacks",
     "GapEarlyStopping": "gapcallback.callbacks",
+    "GeneralizationDiagnostics": "gapcallback.callbacks",
     "GradientSNR": "gapcallback.callbacks",
     "PredictionGapCallback": "gapcallback.callbacks",
     "callbacks": "gapcallback.callbacks",
@@ -70,6 +73,7 @@ __all__ = [
     "GapEarlyStopping",
     "GapEvaluationWarning",
     "GapLaw",
+    "GeneralizationDiagnostics",
     "GradientSNR",
     "IntrinsicDimension",
     "PredictionGap",

@@ -21,7 +21,6 @@ inputs' share of the probes.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -40,6 +39,7 @@ from gapcallback.utils.checks import (
     compute_dtype,
 )
 from gapcallback.utils.data import collect_pairs
+from gapcallback.utils.signatures import accepts_keyword
 
 __all__ = ["PREDICTION_KEYS", "PredictionGapCallback"]
 
@@ -264,7 +264,9 @@ class PredictionGapCallback(GapCallback):
         what = "sample_fn" if self.sample_fn is not None else "predict_fn"
         try:
             if self.sample_fn is not None:
-                kwargs = {"generator": generator} if _accepts_generator(self.sample_fn) else {}
+                kwargs = (
+                    {"generator": generator} if accepts_keyword(self.sample_fn, "generator") else {}
+                )
                 out = self.sample_fn(pl_module, x, **kwargs)
             elif self.predict_fn is not None:
                 out = self.predict_fn(pl_module, x)
@@ -345,11 +347,3 @@ def _check_pair_source(source: Any, name: str, target_transform: Any) -> None:
             f"`{name}` must be a pair (x, y) of tensors or a DataLoader of (x, y) batches, got "
             f"{type(source).__name__}."
         )
-
-
-def _accepts_generator(fn: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "generator" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
