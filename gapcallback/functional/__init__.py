@@ -17,6 +17,13 @@
                                    slope
 ``gradient_snr`` (+ ...)           ``functional/gradient_signal.py``: per-sample gradients, SNR,
                                    one-step generalization ratio (Liu et al. 2020)
+``precision_recall`` (+ all four)  ``functional/precision_and_recall.py``: k-NN manifolds
+                                   (Kynkäänniemi et al. 2019)
+``density_coverage``               ``functional/density_and_coverage.py`` (Naeem et al. 2020)
+``authenticity``                   ``functional/authentic.py`` (Alaa et al. 2022)
+``data_copying_statistic``         ``functional/data_copying.py``: C_T (Meehan et al. 2020)
+(their k-NN balls)                 ``functional/knn_balls.py``: k-NN radii, exact blocked counts
+                                   of the balls containing each point
 ``hessian_eigenvalues`` (+ trace)  ``functional/curvature.py``: sharpness by Lanczos on
                                    Hessian-vector products, Hutchinson's trace (torch.func)
 ``ntk_eigenvalues`` (+ spectrum)   ``functional/ntk.py``: the empirical NTK ``J J^T``, chunked
@@ -28,7 +35,10 @@ results: the simulated references of the calibrated estimator
 (``calibration_table.load_table``, one entry); each has ``cache_info()`` and ``cache_clear()``.
 """
 
+from gapcallback.functional.authentic import authenticity
 from gapcallback.functional.curvature import HessianTrace, hessian_eigenvalues, hessian_trace
+from gapcallback.functional.data_copying import DataCopyingResult, data_copying_statistic
+from gapcallback.functional.density_and_coverage import DensityCoverageResult, density_coverage
 from gapcallback.functional.dimension import (
     DimensionEstimate,
     GapSlope,
@@ -53,9 +63,17 @@ from gapcallback.functional.gradient_signal import (
 from gapcallback.functional.memorized import MemorizationResult, memorization
 from gapcallback.functional.nearest_neighbours import KNNResult, knn
 from gapcallback.functional.ntk import NTKSpectrum, empirical_ntk, ntk_eigenvalues, ntk_spectrum
+from gapcallback.functional.precision_and_recall import (
+    PRDCResult,
+    PrecisionRecallResult,
+    precision_recall,
+    precision_recall_density_coverage,
+)
 from gapcallback.functional.prediction import joint_points, prediction_gap, prediction_risk
 
 __all__ = [
+    "DataCopyingResult",
+    "DensityCoverageResult",
     "DimensionEstimate",
     "GapCurve",
     "GapSlope",
@@ -64,8 +82,13 @@ __all__ = [
     "MemorizationResult",
     "MultiscaleDimension",
     "NTKSpectrum",
+    "PRDCResult",
+    "PrecisionRecallResult",
     "StreamingGradientMoments",
+    "authenticity",
+    "data_copying_statistic",
     "deduplicate",
+    "density_coverage",
     "empirical_ntk",
     "gap_from_sq_dists",
     "gap_size_grid",
@@ -86,6 +109,8 @@ __all__ = [
     "one_step_generalization_ratio",
     "osgr_weights",
     "per_sample_gradients",
+    "precision_recall",
+    "precision_recall_density_coverage",
     "predicted_gap_growth",
     "prediction_gap",
     "prediction_risk",
