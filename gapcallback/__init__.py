@@ -6,7 +6,8 @@ Public API (see the README)::
     from gapcallback import functional as F
 
     F.knn, F.representation_gap, F.memorization, F.intrinsic_dimension   # functional/
-    gc.RepresentationGap, gc.IntrinsicDimension                          # metrics/
+    gc.RepresentationGap, gc.IntrinsicDimension, gc.PredictionGap        # metrics/
+    gc.PrecisionRecall, gc.DensityCoverage, gc.Authenticity              # metrics/
     gc.GapLaw                                                            # law.py
     gc.GapCallback, gc.PredictionGapCallback, gc.GapEarlyStopping        # callbacks/
     gc.GradientSNR, gc.GeneralizationDiagnostics                         # callbacks/
@@ -30,7 +31,14 @@ from gapcallback.evaluation.prepared import (
 )
 from gapcallback.evaluation.reference_file import load_reference, save_reference
 from gapcallback.law import GapLaw
-from gapcallback.metrics import IntrinsicDimension, PredictionGap, RepresentationGap
+from gapcallback.metrics import (
+    Authenticity,
+    DensityCoverage,
+    IntrinsicDimension,
+    PrecisionRecall,
+    PredictionGap,
+    RepresentationGap,
+)
 
 if TYPE_CHECKING:
     from gapcallback.callbacks import (
@@ -69,6 +77,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Authenticity",
+    "DensityCoverage",
     "GapCallback",
     "GapEarlyStopping",
     "GapEvaluationWarning",
@@ -76,6 +86,7 @@ __all__ = [
     "GeneralizationDiagnostics",
     "GradientSNR",
     "IntrinsicDimension",
+    "PrecisionRecall",
     "PredictionGap",
     "PredictionGapCallback",
     "PreparedReference",

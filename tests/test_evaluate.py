@@ -350,6 +350,61 @@ def test_figure_is_written_as_png(tmp_path):
     same_values(values, gc.evaluate(REFERENCE, SAMPLES, train=TRAIN, seed=SEED, **FAST))
 
 
+# ---------------------------------------------------------------------------- the k-NN family
+
+KNN_FAMILY = ("precision", "recall", "density", "coverage", "authenticity")
+
+
+def test_knn_family_equals_its_functional_forms_and_the_callback(tmp_path):
+    values = gc.evaluate(REFERENCE, SAMPLES, train=TRAIN, metrics=KNN_FAMILY, seed=SEED, **FAST)
+    precision, recall = F.precision_recall(REFERENCE, SAMPLES)
+    density, coverage = F.density_coverage(REFERENCE, SAMPLES)
+    assert values["knn/precision"] == float(precision) and values["knn/recall"] == float(recall)
+    assert values["knn/density"] == float(density)
+    assert values["knn/coverage"] == float(coverage)
+    assert values["knn/authenticity"] == float(F.authenticity(SAMPLES, TRAIN))
+    assert 0 < values["knn/authenticity"] < 1  # 40 near-copies among 151 samples
+    # Only what was asked, in the asked order's canonical place; the gap keys unchanged.
+    some = gc.evaluate(REFERENCE, SAMPLES, metrics=("coverage",), seed=SEED, **FAST)
+    assert [k for k in some if k.startswith("knn/")] == ["knn/coverage"]
+    assert some["knn/coverage"] == values["knn/coverage"]
+    plain = gc.evaluate(REFERENCE, SAMPLES, train=TRAIN, seed=SEED, **FAST)
+    same_values({k: v for k, v in values.items() if not k.startswith("knn/")}, plain)
+    # The callback logs the same keys with the same values.
+    callback = fit_callback(tmp_path, train=TRAIN, metrics=KNN_FAMILY, **FAST)
+    same_values(logged_values(callback), values)
+
+
+def test_knn_family_options_fail_early():
+    with pytest.raises(ValueError, match="authenticity"):
+        gc.evaluate(REFERENCE, SAMPLES, metrics=("authenticity",))  # no training set
+    with pytest.raises(ValueError, match="precission"):
+        gc.evaluate(REFERENCE, SAMPLES, metrics=("precission",))
+    with pytest.raises(TypeError, match="metrics"):
+        gc.evaluate(REFERENCE, SAMPLES, metrics="precision")
+    with pytest.raises(ValueError, match="authenticity"):
+        gc.GapCallback(REFERENCE, metrics=("authenticity",))
+    with pytest.raises(ValueError, match="not one of"):
+        gc.GapCallback(REFERENCE, train=TRAIN, metrics=("recal",))
+
+
+def test_a_knn_part_that_cannot_be_measured(tmp_path):
+    # k = 3 needs at least 4 references: evaluate (an explicit call) refuses, naming k; the
+    # callback warns at fit start, leaves those keys out and logs everything else.
+    few = REFERENCE[:3]
+    with pytest.raises(ValueError, match="`k`=3"):
+        gc.evaluate(few, SAMPLES, train=TRAIN, metrics=("precision",), dimension_method=None)
+    with pytest.warns(GapEvaluationWarning, match="knn/precision_recall"):
+        callback = fit_callback(
+            tmp_path, reference=few, train=TRAIN, metrics=("precision", "authenticity"),
+            law=False, dimension_method=None,
+        )  # fmt: skip
+    logged = logged_values(callback)
+    assert "knn/precision" not in logged and "knn/authenticity" in logged
+    assert "knn/precision_recall" in callback.preparation_failures
+    assert logged["gap/observed"] == pytest.approx(brute_gap(few, SAMPLES, 2.0), rel=1e-5)
+
+
 # ---------------------------------------------------------------------------- two processes
 
 
@@ -372,6 +427,8 @@ def evaluations() -> dict[str, dict[str, float]]:
         "p=1, no train/shard_references": gc.evaluate(
             REFERENCE, SAMPLES, p=1.0, shard_references=True, **FAST
         ),
+        "knn family": gc.evaluate(REFERENCE, SAMPLES, metrics=KNN_FAMILY, **kwargs),
+        "knn family/batches": gc.evaluate(REFERENCE, batches, metrics=KNN_FAMILY, **kwargs),
     }
 
 
@@ -384,6 +441,7 @@ def test_two_gloo_processes_give_the_one_process_values(tmp_path):
     run_ddp(_ddp_evaluate, str(tmp_path))
     single = evaluations()
     assert len(single["tensor"]) == 9  # every key
+    assert len(single["knn family"]) == 14  # and the five of the k-NN family
     for rank in (0, 1):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         assert list(results) == list(single)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +63,7 @@ from gapcallback.evaluation.prepared import (
     preparation_stages,
     prepare_reference,
 )
+from gapcallback.evaluation.sample_metrics import SampleMetrics, check_sample_metrics
 from gapcallback.evaluation.values import EVALUATION_KEYS, measured_values
 from gapcallback.functional.dimension import check_dimension_method
 from gapcallback.functional.memorized import check_memorization_ratio
@@ -153,6 +154,10 @@ class GapCallback(Callback):
             on; a failing optional part (``id/samples``, the memorized fraction, the figure) is
             recorded in the evaluation's ``failed_parts`` and everything else is logged.
             ``"raise"``: raise instead.
+        metrics: the k-NN family to log beside the gap, names from ``("precision", "recall",
+            "density", "coverage", "authenticity")`` (keys ``knn/<name>``, see
+            :mod:`gapcallback.evaluation.sample_metrics`; ``authenticity`` needs ``train``).
+            Each is an optional part of the evaluation.
         log_figure: send a figure (law + history) to every logger that takes images and save it
             as ``gap_callback.png`` in the log directory, at the end of fitting and every
             ``figure_every_n_evaluations`` evaluations.
@@ -217,6 +222,7 @@ class GapCallback(Callback):
         input_key: int | str = 0,
         seed: int = 0,
         on_error: Literal["warn", "raise"] = "warn",
+        metrics: Sequence[str] = (),
         log_figure: bool = True,
         figure_every_n_evaluations: int | None = 10,
         figure_in_background: bool = True,
@@ -292,6 +298,10 @@ class GapCallback(Callback):
         self.input_key = input_key
         self.seed = check_positive_int(seed, "seed", minimum=0)
         self.on_error = on_error
+        has_train = (
+            reference.train if isinstance(reference, PreparedReference) else train
+        ) is not None
+        self.metrics = check_sample_metrics(metrics, has_train=has_train)
         self.log_figure = check_bool(log_figure, "log_figure")
         self.figure_every_n_evaluations = check_optional_int(
             figure_every_n_evaluations, "figure_every_n_evaluations"
@@ -316,6 +326,7 @@ class GapCallback(Callback):
         self._train: Tensor | None = None
         self._train_device: Tensor | None = None
         self._gap_metric: RepresentationGap | None = None
+        self._sample_metrics: SampleMetrics | None = None
         self._last_step_evaluated = -1
         self._figure_evaluation = -1
         self._figure_warned = False
@@ -438,6 +449,21 @@ class GapCallback(Callback):
             p=self.p,
             symmetry=self.symmetry,  # type: ignore[arg-type]
         ).to(pl_module.device)
+        if self.metrics:
+            assert self._reference is not None
+            unbuilt: dict[str, str] = {}
+            self._sample_metrics = SampleMetrics(
+                self.metrics, self._reference, self._train, pl_module.device, failed=unbuilt
+            )
+            for part, reason in unbuilt.items():
+                if self.on_error == "raise":
+                    raise ValueError(f"GapCallback cannot measure {part}: {reason}")
+                self.preparation_failures[part] = reason
+                rank_zero_warn(
+                    f"GapCallback cannot measure {part} on these points ({reason}); its keys "
+                    "will not be logged.",
+                    category=GapEvaluationWarning,
+                )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._collect_figure(trainer)
@@ -695,6 +721,9 @@ class GapCallback(Callback):
             memorization_ratio=self.memorization_ratio,
             dimension=id_metric,
             stats=None if self._scale_checked else FeatureStats(),
+            sample_metrics=(
+                None if self._sample_metrics is None else self._sample_metrics.to(device)
+            ),
         )
         eval_seed = derive_seed(self.seed, index, rank)
         generator = torch.Generator(device=device).manual_seed(eval_seed)

@@ -40,6 +40,7 @@ from gapcallback.cli.inputs import InputError, load_callable
 from gapcallback.cli.outputs import staged_outputs
 from gapcallback.evaluation.offline import evaluate
 from gapcallback.evaluation.processes import agree, current_processes, shard_rows
+from gapcallback.evaluation.sample_metrics import SAMPLE_METRICS
 from gapcallback.utils.rng import derive_seed, isolated_rng
 from gapcallback.utils.signatures import accepts_keyword
 
@@ -79,6 +80,15 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--memorization-ratio", type=float, default=1.0 / 3.0, metavar="R", help="(1/3)"
+    )
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=[],
+        choices=SAMPLE_METRICS,
+        metavar="NAME",
+        help="the k-NN family too: precision recall density coverage authenticity (keys knn/*;"
+        " authenticity needs the training set)",
     )
     add_preparation_options(parser)
     add_output_options(parser, out_help="write checkpoints.json, checkpoints.csv and the figure")
@@ -158,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
                 dimension_method=dimension_method(args),
                 dimension_points=args.dimension_points,
                 memorization_ratio=args.memorization_ratio,
+                metrics=tuple(args.metrics),
                 seed=args.seed,
                 device=args.device,
                 shard_samples=False,

@@ -23,6 +23,7 @@ from gapcallback.cli.inputs import load_points
 from gapcallback.cli.outputs import staged_outputs
 from gapcallback.evaluation.offline import evaluate, evaluation_figure
 from gapcallback.evaluation.processes import current_processes
+from gapcallback.evaluation.sample_metrics import SAMPLE_METRICS
 
 __all__ = ["add_parser", "run"]
 
@@ -55,6 +56,15 @@ def add_parser(commands: Any) -> None:
         help="a sample copies a training point when d1 < R d2 (1/3)",
     )
     parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=[],
+        choices=SAMPLE_METRICS,
+        metavar="NAME",
+        help="the k-NN family too: precision recall density coverage authenticity (keys knn/*;"
+        " authenticity needs the training set)",
+    )
+    parser.add_argument(
         "--shard-references",
         action="store_true",
         help="under torchrun, split the references across processes too",
@@ -81,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         dimension_method=dimension_method(args),
         dimension_points=args.dimension_points,
         memorization_ratio=args.memorization_ratio,
+        metrics=tuple(args.metrics),
         seed=args.seed,
         device=args.device,
         shard_references=args.shard_references,
@@ -99,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             "dimension_method": dimension_method(args),
             "dimension_points": args.dimension_points,
             "memorization_ratio": args.memorization_ratio,
+            "metrics": list(args.metrics),
             "seed": args.seed,
             "law": prepared.law is not None,
         },

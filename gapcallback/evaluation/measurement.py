@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from gapcallback.evaluation.prepared import PreparedReference
+from gapcallback.evaluation.sample_metrics import SampleMetrics
 from gapcallback.evaluation.values import (
     ReducedCounts,
     merge_failures,
@@ -62,12 +63,14 @@ class MeasuredSamples(NamedTuple):
             set of at least 2 points).
         sample_dimension: intrinsic dimension of the samples (``None`` if disabled or failed).
         failed: optional parts that failed on some process -> reason.
+        sample_metrics: the ``knn/*`` values asked for (:mod:`.sample_metrics`).
     """
 
     observed: float
     counts: ReducedCounts | None
     sample_dimension: float | None
     failed: dict[str, str]
+    sample_metrics: dict[str, float] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
 
 
 class SampleMeasurement:
@@ -82,6 +85,7 @@ class SampleMeasurement:
         memorization_ratio: threshold of the memorization test :math:`d_1 < r\\, d_2`.
         dimension: the dimension metric (``None``: no ``id/samples``); reset here.
         stats: value-range statistics to accumulate the samples into (``None``: none).
+        sample_metrics: the k-NN family's Metrics to feed (``None``: none); reset here.
 
     Attributes:
         memorized: memorized samples seen here.
@@ -98,10 +102,14 @@ class SampleMeasurement:
         memorization_ratio: float = 1.0 / 3.0,
         dimension: IntrinsicDimension | None = None,
         stats: FeatureStats | None = None,
+        sample_metrics: SampleMetrics | None = None,
     ) -> None:
         gap.reset()
         if dimension is not None:
             dimension.reset()
+        if sample_metrics is not None:
+            sample_metrics.reset()
+        self.sample_metrics = sample_metrics
         self.gap = gap
         self.train = train if train is not None and train.shape[0] >= 2 else None
         self.symmetry = symmetry
@@ -124,13 +132,14 @@ class SampleMeasurement:
         seed: int = 0,
         stats: bool = False,
         reference_rows: slice | None = None,
+        metrics: tuple[str, ...] = (),
     ) -> SampleMeasurement:
         """A fresh measurement against a :class:`PreparedReference`, on ``device``.
 
         ``reference_rows`` measures the gap of those reference rows only, with the metric's
         minima kept local (for callers that shard the references and gather the minima
         themselves); by default the gap is of every reference, reduced over processes by the
-        metric's ``compute``.
+        metric's ``compute``. ``metrics``: names of the k-NN family to measure too.
         """
         reference = prepared.reference
         if reference_rows is not None:
@@ -154,6 +163,11 @@ class SampleMeasurement:
             memorization_ratio=memorization_ratio,
             dimension=dimension,
             stats=FeatureStats() if stats else None,
+            sample_metrics=(
+                SampleMetrics(metrics, prepared.reference, prepared.train, device)
+                if metrics
+                else None
+            ),
         )
 
     @property
@@ -179,6 +193,8 @@ class SampleMeasurement:
         self.drawn += int(samples.shape[0])
         if self.stats is not None:
             self.stats.update(samples)
+        if self.sample_metrics is not None:
+            self.sample_metrics.update(samples, self.failed)
         if self.dimension is not None and "id/samples" not in self.failed:
             try:
                 self.dimension.update(samples)
@@ -220,9 +236,11 @@ class SampleMeasurement:
                 sample_dimension = float(self.dimension.compute())
             except (ValueError, RuntimeError) as err:
                 failed["id/samples"] = describe_error(err)
+        extra = {} if self.sample_metrics is None else self.sample_metrics.compute(failed)
         return MeasuredSamples(
             observed=observed,
             counts=counts if self.has_train else None,
             sample_dimension=sample_dimension,
             failed=failed,
+            sample_metrics=extra,
         )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from gapcallback.evaluation.processes import (
     shard_rows,
     sum_over_processes,
 )
+from gapcallback.evaluation.sample_metrics import check_sample_metrics
 from gapcallback.evaluation.values import EVALUATION_KEYS, measured_values
 from gapcallback.functional.dimension import check_dimension_method
 from gapcallback.functional.gap import gap_value
@@ -78,6 +79,7 @@ def evaluate(
     dimension_method: str | None = "calibrated",
     dimension_points: int = 2000,
     memorization_ratio: float = 1.0 / 3.0,
+    metrics: Sequence[str] = (),
     seed: int = 0,
     transform: Transform | None = None,
     sample_transform: Transform | None = None,
@@ -116,6 +118,8 @@ def evaluate(
         dimension_method: estimator of ``id/data`` and ``id/samples`` (``None``: neither).
         dimension_points: at most this many points enter each dimension estimate.
         memorization_ratio: threshold of the memorization test :math:`d_1 < r\, d_2`.
+        metrics: the k-NN family to compute too (``"precision"``, ``"recall"``, ``"density"``,
+            ``"coverage"``, ``"authenticity"``; keys ``knn/<name>``).
         seed: the seed of the law's fit and of the subsampling (the callback's ``seed``).
         transform: applied to every batch of reference, train and samples (e.g. a flatten).
         sample_transform: applied to the samples only, before ``transform`` (e.g.
@@ -149,6 +153,12 @@ def evaluate(
     """
     p = check_exponent(p)
     ratio = check_memorization_ratio(memorization_ratio)
+    has_train = (
+        reference.train is not None
+        if isinstance(reference, PreparedReference)
+        else train is not None
+    )
+    metrics = check_sample_metrics(metrics, has_train=has_train)
     if dimension_method is not None:
         check_dimension_method(dimension_method, name="dimension_method")
     dimension_points = check_positive_int(dimension_points, "dimension_points", minimum=3)
@@ -223,6 +233,7 @@ def evaluate(
         seed=seed,
         stats=processes.rank == 0,
         reference_rows=reference_rows,
+        metrics=metrics,
     )
     expected = tuple(prepared.reference.shape[1:])
     error: BaseException | None = None

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from gapcallback.evaluation.sample_metrics import SAMPLE_METRIC_PARTS, SAMPLE_METRICS
 from gapcallback.law import GapLaw
 
 if TYPE_CHECKING:
@@ -62,10 +63,11 @@ EVALUATION_KEYS = (
     "id/data",
     "id/samples",
     "id/law",
+    *(f"knn/{name}" for name in SAMPLE_METRICS),
 )
-"""Every key one evaluation may give (:func:`gap_values`), in this order."""
+"""Every key one evaluation may give (:func:`measured_values`), in this order."""
 
-SHARED_PARTS = ("gap/memorized_fraction", "id/samples")
+SHARED_PARTS = ("gap/memorized_fraction", "id/samples", *SAMPLE_METRIC_PARTS)
 """Optional parts of an evaluation whose failure on any process leaves them out on every one."""
 
 FAILED_ELSEWHERE = "it failed on another process"
@@ -188,8 +190,8 @@ def gap_values(
 def measured_values(prepared: PreparedReference, measured: MeasuredSamples) -> dict[str, float]:
     """The keys of one evaluation from a prepared reference and the reduced measurements of the
     samples: :func:`gap_values` with the reference's law, memorization line, training-set size
-    and data dimension. The one function the callback, ``evaluate`` and the CLI derive through."""
-    return gap_values(
+    and data dimension, and the ``knn/*`` values of the family when asked. The one function the callback, ``evaluate`` and the CLI derive through."""
+    values = gap_values(
         measured.observed,
         counts=measured.counts,
         memorization_gap=prepared.memorization_gap,
@@ -198,3 +200,5 @@ def measured_values(prepared: PreparedReference, measured: MeasuredSamples) -> d
         data_dimension=prepared.data_dimension,
         sample_dimension=measured.sample_dimension,
     )
+    values.update(measured.sample_metrics)
+    return values
