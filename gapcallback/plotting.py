@@ -186,6 +186,10 @@ def gap_history_figure(
     _finish_law_panel(ax_law, law, n_train, memorization_gap, "no law: pass train= to GapCallback")
 
     ax_time.plot(steps, observed, "o-", color="C2", label="observed")
+    risk = [(h["step"], h[f"{prefix}gap/risk"]) for h in done if f"{prefix}gap/risk" in h]
+    if risk:  # a predictor's test risk at the gap's loss (PredictionGapCallback): >= observed
+        ax_time.plot([s for s, _ in risk], [r for _, r in risk], "^-", color="C1", ms=4,
+                     label="test risk (gap/risk)")  # fmt: skip
     if law is not None:
         ax_time.axhline(
             float(law.predict(n_train or law.n_train)),

@@ -717,3 +717,24 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         brute_gap(RX, RY, METRIC_PROBE_X, METRIC_PROBE_Y, 0.5, 2.0), rel=1e-5
     )
     assert metric_on_own_probes(0) > values[0]  # rank 0's share alone: a larger gap
+
+
+def test_the_history_figure_plots_the_risk_beside_the_gap():
+    pytest.importorskip("matplotlib")
+    from gapcallback.plotting import gap_history_figure
+
+    history = [
+        {"evaluation": i, "epoch": i, "step": 10 * i, "skipped": False,
+         "gap/observed": 0.5 / (i + 1), "gap/risk": 0.6 / (i + 1)}
+        for i in range(3)
+    ]  # fmt: skip
+    fig = gap_history_figure(history, law=None, n_train=None, memorization_gap=None)
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    assert list(lines["test risk (gap/risk)"].get_ydata()) == [h["gap/risk"] for h in history]
+    without = gap_history_figure(
+        [{k: v for k, v in h.items() if k != "gap/risk"} for h in history],
+        law=None, n_train=None, memorization_gap=None,
+    )  # fmt: skip
+    assert "test risk (gap/risk)" not in {
+        line.get_label() for ax in without.axes for line in ax.get_lines()
+    }
