@@ -56,6 +56,7 @@ from gapcallback.utils.checks import (
     check_optional_int,
     check_positive_int,
 )
+from gapcallback.utils.data import batch_length
 from gapcallback.utils.modes import eval_mode
 from gapcallback.utils.rng import derive_seed, isolated_rng
 
@@ -97,19 +98,6 @@ def _silenced_logging(module: L.LightningModule) -> Iterator[None]:
                 module.__dict__[name] = saved[name]
             else:
                 module.__dict__.pop(name, None)
-
-
-def _batch_len(batch: Any) -> int | None:
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.ndim > 0 else None
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for v in batch:
-            n = _batch_len(v)
-            if n is not None:
-                return n
-    return None
 
 
 class GeneralizationDiagnostics(L.Callback):
@@ -231,7 +219,7 @@ class GeneralizationDiagnostics(L.Callback):
                 "`probe_batch` must be a Tensor, a tuple/list/dict of tensors or a DataLoader, got "
                 f"{type(probe_batch).__name__}."
             )
-        elif _batch_len(probe_batch) in (None, 0):
+        elif batch_length(probe_batch) in (None, 0):
             raise ValueError("`probe_batch` holds no samples (no tensor with a leading dimension).")
 
         self.probe_batch = probe_batch

@@ -58,6 +58,7 @@ from gapcallback.utils.checks import (
     check_optional_int,
     check_positive_int,
 )
+from gapcallback.utils.data import batch_length
 from gapcallback.utils.modes import eval_mode
 
 __all__ = ["GradientSNR"]
@@ -79,19 +80,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def _batch_len(batch: Any) -> int | None:
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.ndim > 0 else None
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for v in batch:
-            n = _batch_len(v)
-            if n is not None:
-                return n
-    return None
 
 
 def _loss_value(outputs: Any) -> float | None:
@@ -193,7 +181,7 @@ class GradientSNR(L.Callback):
         if isinstance(probe_batch, torch.utils.data.DataLoader):
             probe_batch = next(iter(probe_batch))
         if probe_batch is not None:
-            size = _batch_len(probe_batch)
+            size = batch_length(probe_batch)
             if size is None or size < 2:
                 raise ValueError(
                     f"`probe_batch` needs at least 2 samples along its leading dimension, got {size}"
@@ -249,7 +237,7 @@ class GradientSNR(L.Callback):
         """Samples averaged in one optimizer step (batch size times gradient accumulation)."""
         b = self._last_batch_size
         if b is None:
-            b = _batch_len(self.probe_batch) if self.probe_batch is not None else 1
+            b = batch_length(self.probe_batch) if self.probe_batch is not None else 1
         return max(1, int(b) * max(1, int(getattr(trainer, "accumulate_grad_batches", 1))))
 
     def _n(self, trainer: L.Trainer) -> int:
@@ -265,7 +253,7 @@ class GradientSNR(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        size = _batch_len(batch)
+        size = batch_length(batch)
         if size is not None:
             self._last_batch_size = size
 

@@ -175,3 +175,18 @@ def collect_pairs(
     if max_points is not None:
         x, y = x[:max_points], y[:max_points]
     return x, y
+
+
+def batch_length(batch: Any) -> int | None:
+    """The number of rows of a loader batch: of its first tensor with a leading dimension (in a
+    tuple, list or dict, searched depth first); ``None`` when it holds none."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.ndim > 0 else None
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            n = batch_length(item)
+            if n is not None:
+                return n
+    return None
