@@ -50,9 +50,19 @@ def test_design_card_public_names():
         for c in (PopulationRiskAdamW, CyclicShifts, FiniteGroup, Permutations, RigidMotions)
     )
     assert isinstance(gc.__version__, str)
-    # Added in December 2026: the offline evaluation and the command line.
-    for name in ["evaluate", "prepare_reference", "save_reference", "load_reference"]:
-        assert callable(getattr(gc, name))
+    # Added in December 2026: the offline evaluation and the command line, prediction tasks, the
+    # k-NN family, sharpness and the NTK.
+    for name in [
+        "evaluate", "prepare_reference", "save_reference", "load_reference", "PredictionGap",
+        "PredictionGapCallback", "PrecisionRecall", "DensityCoverage", "Authenticity",
+        "GeneralizationDiagnostics",
+    ]:  # fmt: skip
+        assert callable(getattr(gc, name)), name
+    for name in [
+        "prediction_gap", "precision_recall", "density_coverage", "authenticity",
+        "hessian_eigenvalues", "hessian_trace", "ntk_eigenvalues",
+    ]:  # fmt: skip
+        assert callable(getattr(F, name)), name
     import contextlib
     import io
 
