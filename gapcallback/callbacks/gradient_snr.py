@@ -41,7 +41,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from gapcallback.functional.gradient_signal import (
@@ -70,16 +70,6 @@ def _quantile(x: Tensor, q: float) -> float:
     """Nearest-rank quantile of a flat tensor (handles ``inf``; no size limit unlike torch.quantile)."""
     k = min(x.numel(), max(1, round(q * (x.numel() - 1)) + 1))
     return float(torch.kthvalue(x.cpu(), k).values)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def _loss_value(outputs: Any) -> float | None:
@@ -357,7 +347,7 @@ class GradientSNR(L.Callback):
             )
         else:
             loss_fn = self._resolve_loss_fn(pl_module)
-            batch = _to_device(self.probe_batch, pl_module.device)
+            batch = move_data_to_device(self.probe_batch, pl_module.device)
             # Each submodule gets its own mode back (a frozen encoder stays in eval mode).
             with eval_mode(pl_module):
                 grads = per_sample_gradients(
