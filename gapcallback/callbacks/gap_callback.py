@@ -62,6 +62,7 @@ from gapcallback.evaluation.prepared import (
     check_law_options,
     preparation_stages,
     prepare_reference,
+    stage_progress,
 )
 from gapcallback.evaluation.sample_metrics import SampleMetrics, check_sample_metrics
 from gapcallback.evaluation.values import EVALUATION_KEYS, measured_values
@@ -555,23 +556,9 @@ class GapCallback(Callback):
                     sizes,
                     tuple(reference.shape[1:]),
                 )
-            from tqdm.auto import tqdm
-
-            # A bar over the stages that appears after 2 seconds; `disable` makes it a no-op.
-            with tqdm(
-                total=len(stages),
-                desc="GapCallback preparing",
-                unit="stage",
-                leave=False,
-                delay=2.0,
-                disable=not (self.progress and announce and stages),
-            ) as bar:
-
-                def on_stage(name: str) -> None:
-                    if bar.n or name != stages[0]:
-                        bar.update(1)
-                    bar.set_postfix_str(name)
-
+            with stage_progress(
+                stages, desc="GapCallback preparing", show=self.progress and announce
+            ) as on_stage:
                 prepared = prepare_reference(
                     reference,
                     train,
@@ -588,7 +575,6 @@ class GapCallback(Callback):
                         f"GapCallback {message}", category=GapEvaluationWarning
                     ),
                 )
-                bar.update(bar.total - bar.n)
             self._adopt(prepared)
             if announce and stages:
                 _LOG.info(

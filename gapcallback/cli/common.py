@@ -19,6 +19,7 @@ from gapcallback.evaluation.prepared import (
     PreparedReference,
     preparation_stages,
     prepare_reference,
+    stage_progress,
 )
 from gapcallback.evaluation.processes import current_processes
 from gapcallback.evaluation.reference_file import SUFFIX, library_version, load_reference
@@ -223,24 +224,9 @@ def prepared_reference(
     check_same_features({**named, **(samples or {})})
     law = not args.no_law
     method = options["dimension_method"]
-    from tqdm.auto import tqdm
-
     stages = preparation_stages(train is not None, law, method)
-    # A bar over the stages that appears after 2 seconds (as GapCallback's at fit start).
-    with tqdm(
-        total=len(stages),
-        desc="gapcallback preparing",
-        unit="stage",
-        leave=False,
-        delay=2.0,
-        disable=not (progress and stages and current_processes().rank == 0),
-    ) as bar:
-
-        def on_stage(name: str) -> None:
-            if name != stages[0]:
-                bar.update(1)
-            bar.set_postfix_str(name)
-
+    show = progress and current_processes().rank == 0
+    with stage_progress(stages, desc="gapcallback preparing", show=show) as on_stage:
         return prepare_reference(
             reference,
             train,

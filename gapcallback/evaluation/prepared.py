@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ __all__ = [
     "data_hash",
     "preparation_stages",
     "prepare_reference",
+    "stage_progress",
     "symmetry_name",
 ]
 
@@ -250,6 +252,26 @@ def preparation_stages(
     if dimension_method is not None:
         stages.append("id/data")
     return stages
+
+
+@contextmanager
+def stage_progress(stages: list[str], *, desc: str, show: bool) -> Iterator[Callable[[str], None]]:
+    """A progress bar over the stages of :func:`prepare_reference` that appears after 2 seconds
+    (``show=False``: a no-op); yields the ``on_stage`` hook to pass it."""
+    from tqdm.auto import tqdm
+
+    with tqdm(
+        total=len(stages), desc=desc, unit="stage", leave=False, delay=2.0,
+        disable=not (show and stages),
+    ) as bar:  # fmt: skip
+
+        def on_stage(name: str) -> None:
+            if name != stages[0]:
+                bar.update(1)
+            bar.set_postfix_str(name)
+
+        yield on_stage
+        bar.update(bar.total - bar.n)
 
 
 def prepare_reference(
