@@ -91,8 +91,10 @@ KDTREE_MIN_POINTS_K1 = 5000  # k = 1, where the GEMM path is cheapest: larger se
 KDTREE_MID_POINTS_K1 = 10000
 KDTREE_MAX_AMBIENT_DIM = 16  # largest ambient D measured (with a low intrinsic dimension)
 KDTREE_MAX_K = 32  # the window (and the per-row sort) grows with k
-PROBE_POINTS = 512  # points whose two nearest neighbours estimate the intrinsic dimension
-PROBE_POOL = 4096  # ... among this many (evenly strided subsamples: deterministic)
+PROBE_POINTS = 256  # points whose two nearest neighbours estimate the intrinsic dimension
+PROBE_POOL = 1024  # ... among this many (evenly strided subsamples: deterministic); 512 among
+# 4096 cost 5-7 ms (a third of the 2000-point search it chose for) for estimates within 0.5 of these
+# (benchmarks/README.md section 7), and the cost model's thresholds are 4 and 6
 
 # ------------------------------------------------------------------------------------------------
 # Search parameters.
@@ -102,6 +104,8 @@ _BALANCED_TREE = True  # cKDTree's default (median splits)
 _WINDOW_MARGIN = 1  # extra neighbours queried beyond k (+1 with exclude_self) ...
 _WINDOW_FRACTION = 0.0  # ... or this fraction of k, whichever is larger (ties: doubled windows)
 _WINDOW_ENTRIES = 1 << 20  # query x neighbour entries per cKDTree call (~50 MiB working memory)
+_THREADED_ENTRIES = 1 << 16  # below this many query x neighbour entries, one cKDTree worker: the
+# threads' start-up cost more than they saved (1.1-1.2x slower at 8000-24000 entries, 0.9x above)
 _RECHECK_ELEMENTS = 1 << 22  # float64 elements per chunk of the brute force (32 MiB)
 _EPS64 = 2.0**-52
 _SUBNORMAL64 = 2.0**-1074
@@ -191,7 +195,8 @@ def kdtree_knn(
         k: number of neighbours, ``1 <= k <= M`` (``M - 1`` with ``exclude_self``).
         exclude_self: ``queries`` and ``points`` are the same set (same ``N``); index ``i`` is
             never a neighbour of query ``i`` (duplicates of it still count, at distance 0).
-        workers: threads of the tree queries; default ``torch.get_num_threads()``.
+        workers: threads of the tree queries; default ``torch.get_num_threads()``, or one for a
+            query of fewer than ``_THREADED_ENTRIES`` query x neighbour entries.
 
     Returns:
         ``(sq_dists [N, k] float64, indices [N, k] int64)``: bit-identical to the GEMM engine
@@ -202,7 +207,6 @@ def kdtree_knn(
 
     n, m = _check(queries, points, k, exclude_self)
     dim = points.shape[1]
-    workers = torch.get_num_threads() if workers is None else int(workers)
     # The tensors the GEMM path re-checks from (same dtype, so the same bits), and the tree's
     # float64 copy of the points (no copy for contiguous float64 input).
     dtype = compute_dtype(queries, points)
@@ -216,6 +220,9 @@ def kdtree_knn(
     delta, eta = factor * _EPS64, factor * _SUBNORMAL64
     need = k + (1 if exclude_self else 0)
     window = need + max(_WINDOW_MARGIN, math.ceil(_WINDOW_FRACTION * need))
+    if workers is None:
+        workers = 1 if n * window < _THREADED_ENTRIES else torch.get_num_threads()
+    workers = int(workers)
     rows: Tensor | None = None  # None: all rows (first pass, no index copy)
     tree = None
     while True:
