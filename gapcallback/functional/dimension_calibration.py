@@ -126,8 +126,17 @@ class References:
         self.tabulated = calibration_table.covers(n, k, seed)
         self._lookup = calibration_table.lookup
         self._announced = False
+        # What this reader has read (one estimate reads each (family, dim) about five times:
+        # the estimate and the delta method's four shifted readings); at most families x grid.
+        self._read: dict[tuple[str, int], tuple[float, float]] = {}
 
     def __call__(self, family: str, dim: int) -> tuple[float, float]:
+        key = (family, dim)
+        if key not in self._read:
+            self._read[key] = self._read_one(family, dim)
+        return self._read[key]
+
+    def _read_one(self, family: str, dim: int) -> tuple[float, float]:
         if self.tabulated:
             value = self._lookup(family, dim, self.n, self.k, self.seed)
             if value is not None:
