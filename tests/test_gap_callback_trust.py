@@ -475,7 +475,12 @@ def test_no_figure_thread_outlives_a_failed_fit(tmp_path, monkeypatch):
     assert not _figure_threads()
 
 
-def test_figure_shows_memorized_fraction_and_a_colour_bar():
+def test_figure_shows_memorized_fraction_and_names_the_colour_ramp():
+    import math
+
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgba
+
     callback = gc.GapCallback(REFERENCE, train=TRAIN, **FAST)
     callback.prepare_data()
     for i, (gap, frac) in enumerate([(0.05, 0.0), (0.01, 0.2), (0.004, 0.6)]):
@@ -489,11 +494,31 @@ def test_figure_shows_memorized_fraction_and_a_colour_bar():
                 "gap/memorized_fraction": frac,
             }
         )
+    placed = [
+        h["step"]
+        for h in callback.history
+        if math.isfinite(callback.law.effective_size(h["gap/observed"]))
+    ]
+    assert len(placed) >= 2  # the test needs a ramp to name
     fig = callback.figure()
-    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    labels = [t.get_text() for legend in legends for t in legend.texts]
     assert "memorized fraction (right)" in labels
-    assert any(ax.get_ylabel() == "global step of the evaluation" for ax in fig.axes)
     assert any(ax.get_ylabel() == "memorized fraction of samples" for ax in fig.axes)
+    # The markers' colour ramp (global step, viridis) is named by its two ends in the legend.
+    ends = {
+        t.get_text(): handle
+        for legend in legends
+        for t, handle in zip(legend.texts, legend.legend_handles, strict=True)
+        if t.get_text().startswith("model at effective n, step ")
+    }
+    first, last = min(placed), max(placed)
+    assert set(ends) == {f"model at effective n, step {first}", f"model at effective n, step {last}"}
+    for step, shade in ((first, 0.0), (last, 1.0)):
+        colour = ends[f"model at effective n, step {step}"].get_facecolor()[0]
+        assert to_rgba(colour) == pytest.approx(colormaps["viridis"](shade))
+    # ... with no colour bar: two panels and the memorized fraction's second y axis.
+    assert len(fig.axes) == 3
 
 
 def test_data_preparation_announces_itself(tmp_path):
