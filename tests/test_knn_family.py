@@ -44,14 +44,16 @@ def _radii(x, k):
 
 
 def oracle(real, fake, k):
-    """Precision, recall, density, coverage: the papers' formulas with closed balls."""
+    """Precision, recall, density, coverage: the papers' formulas; precision and recall with
+    closed balls, density and coverage with open balls that contain their centre."""
     d = _sq(real, fake)  # [N, M]
     rr, rf = _radii(real, k), _radii(fake, k)
     inside = d <= rr[:, None]
     precision = inside.any(0).double().mean()
     recall = (d <= rf[None, :]).any(1).double().mean()
-    density = inside.sum(0).double().mean() / k
-    coverage = (d.min(1).values <= rr).double().mean()
+    in_open = (d < rr[:, None]) | (d == 0)
+    density = in_open.sum(0).double().mean() / k
+    coverage = in_open.any(1).double().mean()
     return precision, recall, density, coverage
 
 
@@ -135,6 +137,9 @@ def test_ball_counts_both_ways_blocks_and_scales(block, scale):
     assert torch.equal(got.per_query, (d <= radii[None, :]).sum(1))
     assert torch.equal(got.per_centre, (d <= radii[None, :]).sum(0))
     assert torch.equal(got.in_query_balls, (d <= q_radii[:, None]).sum(0))
+    on_sphere = (d == radii[None, :]) & (radii[None, :] > 0)
+    assert torch.equal(got.per_query_on_sphere, on_sphere.sum(1))
+    assert torch.equal(got.per_centre_on_sphere, on_sphere.sum(0))
     assert ball_counts(queries, centres, radii).in_query_balls is None
 
 
@@ -172,8 +177,11 @@ def test_identical_sets(k):
     pr = precision_recall(real, real.clone(), k=k)
     dc = density_coverage(real, real.clone(), k=k)
     assert pr.precision.item() == pr.recall.item() == dc.coverage.item() == 1.0
-    # Each fake is in its own ball and in the k balls it is a k-NN of (the k-th on the sphere).
-    assert dc.density.item() == pytest.approx((k + 1) / k, rel=1e-6)
+    # Each fake is in its own ball and strictly inside the balls of the k - 1 reals it is a nearer
+    # neighbour of; on the sphere of the one it is the k-th neighbour of (open: left out).
+    assert dc.density.item() == 1.0
+    both = precision_recall_density_coverage(real, real.clone(), k=k)
+    assert [v.item() for v in both] == [1.0, 1.0, 1.0, 1.0]
 
 
 def test_duplicated_points_have_radius_zero_and_still_count():
@@ -185,9 +193,12 @@ def test_duplicated_points_have_radius_zero_and_still_count():
     dc = density_coverage(real, real.flip(0), k=3)
     assert pr.precision.item() == pr.recall.item() == dc.coverage.item() == 1.0
     assert dc.density.item() == pytest.approx(4 / 3)  # each fake lies in the 4 balls of its copies
-    # A point on the sphere is inside: one real at distance 1 from a fake, radius 1.
-    real = torch.tensor([[0.0], [1.0]])
-    assert precision_recall(real, torch.tensor([[2.0], [3.0]]), k=1).precision.item() == 0.5
+    # A point on the sphere: one real at distance 1 from a fake, radius 1. Inside the closed
+    # ball of precision, outside the open one of density and coverage.
+    real, fake = torch.tensor([[0.0], [1.0]]), torch.tensor([[2.0], [3.0]])
+    assert precision_recall(real, fake, k=1).precision.item() == 0.5
+    assert [v.item() for v in density_coverage(real, fake, k=1)] == [0.0, 0.0]
+    assert [v.item() for v in density_coverage(real, torch.tensor([[1.5]]), k=1)] == [1.0, 0.5]
 
 
 def test_near_duplicates_far_from_the_origin_are_exact():

@@ -165,7 +165,8 @@ def _sq_blocks(a: torch.Tensor, b: torch.Tensor, block: int = 1024):
 
 
 def oracle(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
-    """Precision, recall, density, coverage with closed balls, float64 brute force."""
+    """Precision, recall, density, coverage, float64 brute force: closed balls for precision and
+    recall, open balls with their centre for density and coverage (gapcallback's conventions)."""
     r, f = real.double(), fake.double()
 
     def radii(x: torch.Tensor) -> torch.Tensor:
@@ -175,19 +176,21 @@ def oracle(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
         return out
 
     rr, rf = radii(r), radii(f)
-    in_real = torch.zeros(f.shape[0], dtype=torch.float64)  # balls containing each fake
+    in_real = torch.zeros(f.shape[0], dtype=torch.float64)  # closed balls containing each fake
+    in_open = torch.zeros(f.shape[0], dtype=torch.float64)  # open balls (+ centre) containing it
     recall_hits = torch.zeros(r.shape[0], dtype=torch.bool)
     covered = torch.zeros(r.shape[0], dtype=torch.bool)
     for s, d in _sq_blocks(r, f):
         rows = slice(s, s + d.shape[0])
-        inside = d <= rr[rows, None]
-        in_real += inside.sum(0)
-        covered[rows] = inside.any(1)
+        in_real += (d <= rr[rows, None]).sum(0)
+        inside_open = (d < rr[rows, None]) | (d == 0)
+        in_open += inside_open.sum(0)
+        covered[rows] = inside_open.any(1)
         recall_hits[rows] = (d <= rf[None, :]).any(1)
     return {
         "precision": float((in_real > 0).double().mean()),
         "recall": float(recall_hits.double().mean()),
-        "density": float(in_real.mean() / k),
+        "density": float(in_open.mean() / k),
         "coverage": float(covered.double().mean()),
     }
 

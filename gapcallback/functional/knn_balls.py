@@ -5,7 +5,9 @@ with radii :math:`\rho_j`, which balls contain which queries:
 
 .. math:: q_i \in B(c_j, \rho_j) \iff \lVert q_i - c_j\rVert^2 \le \rho_j^2
 
-(closed balls: a query exactly on a sphere is inside). The radii are k-nearest-neighbour radii
+(closed balls: a query exactly on a sphere is inside; the pairs exactly on a sphere of positive
+radius are also counted apart, for density and coverage, whose balls are open with their centre:
+:mod:`gapcallback.functional.density_and_coverage`). The radii are k-nearest-neighbour radii
 of the centres among their own set (:func:`knn_sq_radii`, the engine's exact leave-one-out search);
 :func:`ball_counts` counts, for every query, the balls that contain it.
 
@@ -72,18 +74,24 @@ __all__ = ["BallCounts", "ball_counts", "check_point_sets", "fraction", "knn_sq_
 
 
 class BallCounts(NamedTuple):
-    """Result of :func:`ball_counts`: int64 counts of (point, ball) incidences.
+    r"""Result of :func:`ball_counts`: int64 counts of (point, ball) incidences.
 
     Attributes:
-        per_query: ``[Nq]`` the centres' balls containing each query.
-        per_centre: ``[Nc]`` the queries inside each centre's ball.
+        per_query: ``[Nq]`` the centres' (closed) balls containing each query.
+        per_centre: ``[Nc]`` the queries inside each centre's (closed) ball.
         in_query_balls: ``[Nc]`` the queries' balls containing each centre (with
             ``query_sq_radii``; else ``None``).
+        per_query_on_sphere: ``[Nq]`` of ``per_query``, the balls on whose sphere the query lies
+            exactly (:math:`\lVert q_i - c_j\rVert^2 = \rho_j^2 > 0`): subtracted, the counts of
+            the open balls with their centres (density and coverage's convention).
+        per_centre_on_sphere: ``[Nc]`` of ``per_centre``, the queries exactly on the sphere.
     """
 
     per_query: Tensor
     per_centre: Tensor
     in_query_balls: Tensor | None
+    per_query_on_sphere: Tensor
+    per_centre_on_sphere: Tensor
 
 
 def check_point_sets(a: object, b: object, names: tuple[str, str]) -> tuple[Tensor, Tensor]:
@@ -128,6 +136,9 @@ def ball_counts(
 
     with :math:`\rho_j^2` = ``sq_radii`` and, optionally, :math:`r_i^2` = ``query_sq_radii`` (the
     balls around the queries: recall's test, from the same products). Exact (module docstring).
+    The pairs exactly on a centre's sphere are counted apart as well
+    (:attr:`BallCounts.per_query_on_sphere`, :attr:`BallCounts.per_centre_on_sphere`), so the
+    same pass serves the open-ball convention of density and coverage.
 
     Args:
         queries: ``[Nq, D]`` (or ``[Nq, *dims]``) points.
@@ -163,6 +174,8 @@ def ball_counts(
     q_radii = None if query_sq_radii is None else query_sq_radii.to(device=device, dtype=exact)
     per_query = torch.zeros(n, dtype=torch.long, device=device)
     per_centre = torch.zeros(m, dtype=torch.long, device=device)
+    query_on_sphere = torch.zeros(n, dtype=torch.long, device=device)
+    centre_on_sphere = torch.zeros(m, dtype=torch.long, device=device)
     in_query_balls = None if q_radii is None else torch.zeros(m, dtype=torch.long, device=device)
     with full_precision(device.type):
         centre = (c.sum(dim=0, dtype=exact) / m).to(dtype)
@@ -194,20 +207,25 @@ def ball_counts(
             q_bound = (q_thr + factor * (qn + cn.max() + q_thr) + floor).to(screen)
 
         def decide(block: Tensor, r: Tensor, col: Tensor, thr: Tensor, radii: Tensor,
-                   by_row: bool, q_idx: Tensor, c_idx: Tensor) -> Tensor:  # fmt: skip
-            """Mask of the candidate pairs inside: sure by the screen, else exactly."""
+                   by_row: bool, q_idx: Tensor, c_idx: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+            """Masks of the candidate pairs inside the closed ball (sure by the screen, else
+            exactly) and of those exactly on its sphere (radius > 0: always decided exactly, as
+            the screen's error bound ``sigma`` is strict)."""
             value = block[r, col].to(exact)
             limit = thr[q_idx] if by_row else thr[c_idx]
             sigma = factor * (qn[q_idx] + cn[c_idx]) + floor
             inside = value <= limit - sigma
+            on_sphere = torch.zeros_like(inside)
             unsure = ~inside & (value <= limit + sigma)
             if bool(unsure.any()):
                 try:
                     d = direct_sq_dists(q, c, q_idx[unsure], c_idx[unsure], exact)
                 except DistanceRangeError as err:
                     raise ValueError(err.message((name_q, name_c))) from None
-                inside[unsure] = d <= (radii[q_idx[unsure]] if by_row else radii[c_idx[unsure]])
-            return inside
+                radius = radii[q_idx[unsure]] if by_row else radii[c_idx[unsure]]
+                inside[unsure] = d <= radius
+                on_sphere[unsure] = (d == radius) & (radius > 0)
+            return inside, on_sphere
 
         buffer = torch.empty(min(q_block, n) * min(c_block, m), dtype=screen, device=device)
         for qs in range(0, n, q_block):
@@ -221,19 +239,23 @@ def ball_counts(
                 r, col = _entries_at_most(block, c_bound[cs:ce], by_column=True)
                 if r.numel():
                     q_idx, c_idx = r + qs, col + cs
-                    hit = decide(block, r, col, c_thr, c_radii, False, q_idx, c_idx)
+                    hit, edge = decide(block, r, col, c_thr, c_radii, False, q_idx, c_idx)
                     ones = torch.ones_like(q_idx[hit])
                     per_query.index_add_(0, q_idx[hit], ones)
                     per_centre.index_add_(0, c_idx[hit], ones)
+                    if bool(edge.any()):
+                        ones = torch.ones_like(q_idx[edge])
+                        query_on_sphere.index_add_(0, q_idx[edge], ones)
+                        centre_on_sphere.index_add_(0, c_idx[edge], ones)
                 if q_radii is None or in_query_balls is None:
                     continue
                 # Centres in the queries' balls: a threshold per row.
                 r, col = _entries_at_most(block, q_bound[qs:qe])
                 if r.numel():
                     q_idx, c_idx = r + qs, col + cs
-                    hit = decide(block, r, col, q_thr, q_radii, True, q_idx, c_idx)
+                    hit, _ = decide(block, r, col, q_thr, q_radii, True, q_idx, c_idx)
                     in_query_balls.index_add_(0, c_idx[hit], torch.ones_like(c_idx[hit]))
-    return BallCounts(per_query, per_centre, in_query_balls)
+    return BallCounts(per_query, per_centre, in_query_balls, query_on_sphere, centre_on_sphere)
 
 
 def _entries_at_most(

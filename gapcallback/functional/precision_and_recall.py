@@ -28,8 +28,13 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from gapcallback.functional.density_and_coverage import coverage_value, density_value
+from gapcallback.functional.density_and_coverage import (
+    coverage_value,
+    density_value,
+    open_ball_counts,
+)
 from gapcallback.functional.knn_balls import (
+    BallCounts,
     ball_counts,
     check_point_sets,
     fraction,
@@ -88,19 +93,13 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> PrecisionRecallR
     )
 
 
-class _Incidences(NamedTuple):
-    per_query: Tensor  # [M] real balls containing each fake
-    per_centre: Tensor  # [N] fakes inside each real ball
-    in_query_balls: Tensor  # [N] fake balls containing each real
-
-
-def _both_ways(real: Tensor, fake: Tensor, k: int) -> _Incidences:
+def _both_ways(real: Tensor, fake: Tensor, k: int) -> BallCounts:
     """Both sets' radii and one pass over the (fake, real) pairs testing both balls."""
     real_radii = knn_sq_radii(real, k, name="real")
     fake_radii = knn_sq_radii(fake, k, name="fake")
     counts = ball_counts(fake, real, real_radii, query_sq_radii=fake_radii, names=("fake", "real"))
     assert counts.in_query_balls is not None
-    return _Incidences(counts.per_query, counts.per_centre, counts.in_query_balls)
+    return counts
 
 
 class PRDCResult(NamedTuple):
@@ -123,11 +122,13 @@ def precision_recall_density_coverage(real: Tensor, fake: Tensor, k: int = 5) ->
     counts = _both_ways(real, fake, k)
     dtype = compute_dtype(real, fake)
     n_fake = fake.shape[0]
+    assert counts.in_query_balls is not None
+    incidences, covered = open_ball_counts(counts)  # density and coverage's open balls
     return PRDCResult(
         fraction((counts.per_query > 0).sum(), n_fake, dtype),
         fraction((counts.in_query_balls > 0).sum(), real.shape[0], dtype),
-        density_value(counts.per_query.sum(), n_fake, k, dtype),
-        coverage_value(counts.per_centre > 0, dtype),
+        density_value(incidences, n_fake, k, dtype),
+        coverage_value(covered, dtype),
     )
 
 
