@@ -513,7 +513,10 @@ def test_figure_shows_memorized_fraction_and_names_the_colour_ramp():
         if t.get_text().startswith("model at effective n, step ")
     }
     first, last = min(placed), max(placed)
-    assert set(ends) == {f"model at effective n, step {first}", f"model at effective n, step {last}"}
+    assert set(ends) == {
+        f"model at effective n, step {first}",
+        f"model at effective n, step {last}",
+    }
     for step, shade in ((first, 0.0), (last, 1.0)):
         colour = ends[f"model at effective n, step {step}"].get_facecolor()[0]
         assert to_rgba(colour) == pytest.approx(colormaps["viridis"](shade))
