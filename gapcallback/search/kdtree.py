@@ -247,9 +247,12 @@ def kdtree_knn(
             rho_t = torch.from_numpy(rho).reshape(e - s, window)
             cols = torch.from_numpy(idx).reshape(e - s, window).to(torch.long)
             d, i, safe = _select(q, x, r, rho_t, cols, k, m, exclude_self, delta, eta)
-            out_d[r[safe]] = d[safe]
-            out_i[r[safe]] = i[safe]
-            if not bool(safe.all()):
+            if bool(safe.all()):  # the common case: every row proved exact in this window
+                out_d[r] = d
+                out_i[r] = i
+            else:
+                out_d[r[safe]] = d[safe]
+                out_i[r[safe]] = i[safe]
                 unsafe.append(r[~safe])
         if not unsafe:
             break
@@ -305,11 +308,15 @@ def _select(
         t = t.masked_fill(missing, float("inf"))
     if exclude_self:
         t = t.masked_fill(cols == rows[:, None], float("inf"))
-    # Sort by (t, index): by index, then stably by distance.
-    by_index = cols.argsort(dim=1)
-    cols = cols.gather(1, by_index)
-    t = t.gather(1, by_index)
-    t, order = t.sort(dim=1, stable=True)
+    # Sort by (t, index). Without ties among a row's k + 1 smallest t the order by t alone is
+    # that order (the common case: one sort); with ties, by index first, then stably by t.
+    t_sorted, order = t.sort(dim=1)
+    edge = min(k + 1, width)
+    if bool((t_sorted[:, 1:edge] == t_sorted[:, : edge - 1]).any()):
+        by_index = cols.argsort(dim=1)
+        cols = cols.gather(1, by_index)
+        t_sorted, order = t.gather(1, by_index).sort(dim=1, stable=True)
+    t = t_sorted
     best_d = t[:, :k]
     best_i = cols.gather(1, order[:, :k])
     bound = rho[:, -1].square()
