@@ -14,6 +14,8 @@ import torch
 def isolated_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Fork the torch (CPU and ``device``), numpy and python RNGs, seed them, restore on exit.
 
+    On an MPS ``device`` its generator is seeded but not restored (torch has no fork for it).
+
     Anything drawn inside (a sampler using the global RNG, a shuffled DataLoader creating its
     iterator) leaves the training run's streams exactly as they were.
     """
@@ -21,7 +23,15 @@ def isolated_rng(seed: int, device: torch.device | None = None) -> Iterator[None
     np_state = np.random.get_state()  # noqa: NPY002 - we restore the legacy global state
     py_state = random.getstate()
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.manual_seed(seed)
+        # The generators fork_rng restores, each seeded by itself: `torch.manual_seed` would
+        # also seed every other device (left changed) and, with CUDA not initialised, queue a
+        # lazy seeding call with a formatted stack trace (milliseconds under a Trainer).
+        torch.default_generator.manual_seed(seed)
+        for cuda_device in devices:
+            with torch.cuda.device(cuda_device):
+                torch.cuda.manual_seed(seed)
+        if device is not None and device.type == "mps":
+            torch.mps.manual_seed(seed)
         try:
             yield
         finally:
