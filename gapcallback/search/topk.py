@@ -77,9 +77,9 @@ def merge_sorted(
     """Merge flat candidates ``(rows, dists, cols)`` into the per-row top-k ``best_d``/``best_i``
     ``[R, k]`` (each column at most once per row).
 
-    The candidates are laid out per row in a padded ``[R, W]`` table, sorted by column and then,
-    stably, by distance: the order is (distance, column) whatever the order of the candidates,
-    so the result does not depend on the blocks. An empty state (every index ``-1``) is not merged
+    The candidates are laid out per row in a padded ``[R, W]`` table and sorted by (distance,
+    column) (by column and then, stably, by distance where distances tie), whatever the order of
+    the candidates, so the result does not depend on the blocks. An empty state (every index ``-1``) is not merged
     in, only padded.
     """
     n_rows, k = best_d.shape
@@ -102,9 +102,15 @@ def merge_sorted(
     table_c = torch.full((n_rows, width), unused, dtype=torch.long, device=rows.device)
     table_d[sorted_rows, slot] = dists[order]
     table_c[sorted_rows, slot] = cols[order]
-    table_c, by_col = torch.sort(table_c, dim=1, stable=True)
-    table_d = table_d.gather(1, by_col)
-    table_d, by_dist = torch.sort(table_d, dim=1, stable=True)
+    # By (distance, column). Without ties among a row's k + 1 smallest finite distances the
+    # order by distance alone is that order (the common case: one sort; the padding is +inf
+    # with no column); with ties, by column first, then stably by distance.
+    sorted_d, by_dist = torch.sort(table_d, dim=1)
+    head = sorted_d[:, : min(k + 1, width)]
+    if bool(((head[:, 1:] == head[:, :-1]) & torch.isfinite(head[:, 1:])).any()):
+        table_c, by_col = torch.sort(table_c, dim=1, stable=True)
+        sorted_d, by_dist = torch.sort(table_d.gather(1, by_col), dim=1, stable=True)
+    table_d = sorted_d
     table_c = table_c.gather(1, by_dist)
     out_i = table_c[:, :k]
     return table_d[:, :k].contiguous(), torch.where(out_i == unused, -1, out_i)
