@@ -58,7 +58,7 @@ from gapcallback.utils.checks import (
 )
 from gapcallback.utils.data import batch_length
 from gapcallback.utils.modes import eval_mode
-from gapcallback.utils.rng import derive_seed, isolated_rng
+from gapcallback.utils.rng import derive_seed, isolated_rng, seed_torch
 
 __all__ = ["GeneralizationDiagnostics"]
 
@@ -248,12 +248,12 @@ class GeneralizationDiagnostics(L.Callback):
         """The logged name of ``name`` (``"sharpness/trace"`` -> ``prefix + "sharpness/trace"``)."""
         return f"{self.prefix}{name}"
 
-    def _loss(self, step: int) -> LossFn:
+    def _loss(self, step: int, device: torch.device) -> LossFn:
         inner = self.loss_fn if self.loss_fn is not None else _training_step_loss
         loss_seed = derive_seed(self.seed, _LOSS_SEED, step)
 
         def loss(model: nn.Module, batch: Any) -> Tensor:
-            torch.manual_seed(loss_seed)  # the same random numbers at every evaluation
+            seed_torch(loss_seed, device)  # the same random numbers at every evaluation
             return inner(model, batch)
 
         return loss
@@ -317,7 +317,7 @@ class GeneralizationDiagnostics(L.Callback):
         according to ``on_error``.
         """
         device = pl_module.device
-        loss = self._loss(step)
+        loss = self._loss(step, device)
         values: dict[str, float] = {}
         with (
             isolated_rng(derive_seed(self.seed, step), device),

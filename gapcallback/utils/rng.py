@@ -23,20 +23,29 @@ def isolated_rng(seed: int, device: torch.device | None = None) -> Iterator[None
     np_state = np.random.get_state()  # noqa: NPY002 - we restore the legacy global state
     py_state = random.getstate()
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        # The generators fork_rng restores, each seeded by itself: `torch.manual_seed` would
-        # also seed every other device (left changed) and, with CUDA not initialised, queue a
-        # lazy seeding call with a formatted stack trace (milliseconds under a Trainer).
-        torch.default_generator.manual_seed(seed)
-        for cuda_device in devices:
-            with torch.cuda.device(cuda_device):
-                torch.cuda.manual_seed(seed)
-        if device is not None and device.type == "mps":
-            torch.mps.manual_seed(seed)
+        seed_torch(seed, device)
         try:
             yield
         finally:
             np.random.set_state(np_state)  # noqa: NPY002
             random.setstate(py_state)
+
+
+def seed_torch(seed: int, device: torch.device | None = None) -> None:
+    """Seed torch's CPU generator and, for a CUDA or MPS ``device``, that device's generator.
+
+    Only these: ``torch.manual_seed`` also seeds every other device (which :func:`isolated_rng`
+    does not restore) and, with CUDA not initialised, queues a lazy seeding call with a formatted
+    stack trace (milliseconds under a Trainer).
+    """
+    torch.default_generator.manual_seed(seed)
+    if device is None:
+        return
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
 
 
 def derive_seed(*parts: int) -> int:
