@@ -125,8 +125,11 @@ def exact_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def centred_magnitude(x: Tensor, centre: Tensor) -> float:
-    """``max |x - centre|`` over all entries of ``x`` ``[N, D]`` (one pass, no ``[N, D]`` copy)."""
-    lo, hi = torch.aminmax(x, dim=0)
+    """``max |x - centre|`` over all entries of ``x`` ``[N, D]`` (no ``[N, D]`` copy).
+
+    Two reductions, ``amin`` and ``amax``: on torch 2.13's CPU kernels ``torch.aminmax(x, dim=0)``
+    took 4-13x as long as both together."""
+    lo, hi = x.amin(dim=0), x.amax(dim=0)
     return float(torch.maximum(hi - centre, centre - lo).amax())
 
 
