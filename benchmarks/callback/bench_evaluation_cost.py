@@ -213,6 +213,7 @@ def main() -> None:
         # CPU time of the whole process during the evaluations (the figure thread included).
         "cpu_per_evaluation_ms": 1e3 * statistics.median(cpu_each),
         "runs": [1e3 * t for t in per_eval],
+        "runs_training_thread": [1e3 * t for t in on_thread],
         "breakdown_ms": {k: 1e3 * v for k, v in breakdown(reference, train, samples).items()},
     }
     print(f"gapcallback from {result['gapcallback']}, {result['torch_threads']} torch threads")
