@@ -149,8 +149,9 @@ def gap_history_figure(
     Left: the fitted law :math:`R_n = J n^{-p/d}` with its band and measured subsample gaps, the
     training set's own gap (the memorization line) at ``n_train``, and each observed model gap
     placed at its *effective* size :math:`n_\\text{eff} = (J / R)^{d/p}` (the training-set size a
-    perfectly trained model would need to reach it), coloured by global step (the legend names the first and last); gaps
-    whose effective size the law does not support (``gap/effective_n`` is ``nan``) are left out.
+    perfectly trained model would need to reach it), coloured by global step (the legend names
+    the first and the last); gaps whose effective size the law does not support
+    (``gap/effective_n`` is ``nan``) are left out.
     Right: observed, predicted and memorization gaps against the global step, and the memorized
     fraction of samples on a second axis.
 
