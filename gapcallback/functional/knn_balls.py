@@ -281,7 +281,11 @@ def _entries_at_most(
     elif n_full:
         tiles = block[:, : n_full * TILE].view(rows, n_full, TILE)
         hit_r, hit_t = (tiles.amin(dim=2) <= bound[:, None]).nonzero(as_tuple=True)
-        kr, kc = (tiles[hit_r, hit_t] <= bound[hit_r, None]).nonzero(as_tuple=True)
+        if width == n_full * TILE and block.is_contiguous():  # tiles are rows: index_select
+            hit_tiles = block.view(-1, TILE).index_select(0, hit_r * n_full + hit_t)
+        else:
+            hit_tiles = tiles[hit_r, hit_t]
+        kr, kc = (hit_tiles <= bound[hit_r, None]).nonzero(as_tuple=True)
         found_r.append(hit_r[kr])
         found_c.append(hit_t[kr] * TILE + kc)
     if along > n_full * TILE:

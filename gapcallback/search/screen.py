@@ -97,7 +97,14 @@ def tile_candidates(
         # Whole tiles are gathered as rows of `tile` (contiguous unless transposed).
         full = hit_t < n_full
         fr, ft = hit_r[full], hit_t[full]
-        values = full_tiles[ft, :, fr] if transposed else full_tiles[fr, ft]
+        if transposed:
+            values = full_tiles[ft, :, fr]
+        elif width == n_full * tile and approx.is_contiguous():
+            # The tiles are the rows of one [rows * n_full, tile] view: index_select (3x
+            # faster than the two-index gather on torch 2.13 CPU).
+            values = approx.view(-1, tile).index_select(0, fr * n_full + ft)
+        else:
+            values = full_tiles[fr, ft]
         kr, kc = (values <= threshold[fr, None]).nonzero(as_tuple=True)
         cand_r.append(fr[kr])
         cand_c.append(ft[kr] * tile + kc)
