@@ -94,7 +94,7 @@ KDTREE_MAX_K = 32  # the window (and the per-row sort) grows with k
 PROBE_POINTS = 256  # points whose two nearest neighbours estimate the intrinsic dimension
 PROBE_POOL = 1024  # ... among this many (evenly strided subsamples: deterministic); 512 among
 # 4096 cost 5-7 ms (a third of the 2000-point search it chose for) for estimates within 0.5 of these
-# (benchmarks/README.md section 7), and the cost model's thresholds are 4 and 6
+# (benchmarks/README.md section 8), and the cost model's thresholds are 4 and 6
 
 # ------------------------------------------------------------------------------------------------
 # Search parameters.
