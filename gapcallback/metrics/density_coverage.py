@@ -61,9 +61,9 @@ class DensityCoverage(FeatureMetric):
         >>> real = torch.randn(500, 4, generator=g)
         >>> metric = DensityCoverage(real, k=5)
         >>> metric.update(real[:250] + 10.0)  # far away: in no ball
-        >>> metric.update(real.clone())  # copies: each in (k + 1) balls, every ball covered
-        >>> metric.compute()  # density (500 * 6 / 5) / 750
-        DensityCoverageResult(density=tensor(0.8000), coverage=tensor(1.))
+        >>> metric.update(real.clone())  # copies: each in k balls (its own, k - 1 strictly)
+        >>> metric.compute()  # density (500 * 5 / 5) / 750; every ball covered
+        DensityCoverageResult(density=tensor(0.6667), coverage=tensor(1.))
     """
 
     higher_is_better = True
