@@ -95,6 +95,24 @@ def test_per_sample_gradients_errors() -> None:
         per_sample_gradients(model, lambda m, b: m(b[0]), (torch.randn(4, 2), torch.randn(3)))
 
 
+@pytest.mark.parametrize("method", ["vmap", "loop"])
+def test_per_sample_gradients_batch_norm_in_train_mode_is_refused_with_the_fix(method) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    batch = (torch.randn(6, 3), torch.randn(6))
+
+    def loss(m, b):
+        return (m(b[0]).squeeze(-1) - b[1]) ** 2
+
+    before = model[1].running_mean.clone()
+    with pytest.raises(ValueError, match=r"train mode.*'1'.*model\.eval\(\)"):
+        per_sample_gradients(model, loss, batch, method=method)
+    assert torch.equal(model[1].running_mean, before)  # refused before any forward pass
+    model.eval()
+    grads = per_sample_gradients(model, loss, batch, method=method)
+    assert grads["0.weight"].shape == (6, 4, 3)
+    assert torch.equal(model[1].running_mean, before)
+
+
 # ----------------------------------------------------------------------------------------------
 # SNR, OSGR
 # ----------------------------------------------------------------------------------------------

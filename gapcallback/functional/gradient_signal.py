@@ -197,6 +197,19 @@ def per_sample_gradients(
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     if not params:
         raise ValueError("The model has no parameters with requires_grad=True.")
+    running = [
+        name
+        for name, module in model.named_modules()
+        if module.training and getattr(module, "running_mean", None) is not None
+    ]
+    if running:
+        raise ValueError(
+            f"`model` has normalisation layers in train mode that update running statistics "
+            f"({', '.join(repr(r) for r in running[:3])}{', ...' if len(running) > 3 else ''}): "
+            "in train mode batch norm computes its statistics over the batch, which couples the "
+            "samples, so per-sample gradients are not defined (and the update is an in-place "
+            "write torch.func cannot differentiate). Call model.eval() first (GradientSNR does)."
+        )
 
     def _as_scalar(losses: Tensor) -> Tensor:
         if losses.numel() != 1:
