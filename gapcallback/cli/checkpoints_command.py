@@ -27,6 +27,7 @@ from gapcallback.cli.common import (
     add_data_options,
     add_output_options,
     add_preparation_options,
+    add_sample_options,
     apply,
     check_out_folder,
     dimension_method,
@@ -40,7 +41,6 @@ from gapcallback.cli.inputs import InputError, load_callable
 from gapcallback.cli.outputs import staged_outputs
 from gapcallback.evaluation.offline import evaluate
 from gapcallback.evaluation.processes import agree, current_processes, shard_rows
-from gapcallback.evaluation.sample_metrics import SAMPLE_METRICS
 from gapcallback.utils.rng import derive_seed, isolated_rng
 from gapcallback.utils.signatures import accepts_keyword
 
@@ -73,23 +73,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--num-samples", type=int, default=2000, metavar="N", help="samples per checkpoint (2000)"
     )
-    parser.add_argument(
-        "--sample-transform",
-        metavar="MODULE:FUNCTION",
-        help="applied to the samples only, before --transform",
-    )
-    parser.add_argument(
-        "--memorization-ratio", type=float, default=1.0 / 3.0, metavar="R", help="(1/3)"
-    )
-    parser.add_argument(
-        "--metrics",
-        nargs="+",
-        default=[],
-        choices=SAMPLE_METRICS,
-        metavar="NAME",
-        help="the k-NN family too: precision recall density coverage authenticity (keys knn/*;"
-        " authenticity needs the training set)",
-    )
+    add_sample_options(parser)
     add_preparation_options(parser)
     add_output_options(parser, out_help="write checkpoints.json, checkpoints.csv and the figure")
     parser.set_defaults(run=run)

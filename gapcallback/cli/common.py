@@ -23,6 +23,7 @@ from gapcallback.evaluation.prepared import (
 )
 from gapcallback.evaluation.processes import current_processes
 from gapcallback.evaluation.reference_file import SUFFIX, library_version, load_reference
+from gapcallback.evaluation.sample_metrics import SAMPLE_METRICS
 
 __all__ = [
     "add_data_options",
@@ -59,6 +60,32 @@ def add_data_options(parser: argparse.ArgumentParser, *, train_required: bool = 
         metavar="MODULE:FUNCTION",
         help="a function Tensor -> Tensor applied to every batch of reference, train and "
         "samples (e.g. a feature extractor); with a reference file, to the samples only",
+    )
+
+
+def add_sample_options(parser: argparse.ArgumentParser) -> None:
+    """What is measured on the samples: ``--sample-transform``, ``--memorization-ratio``,
+    ``--metrics``."""
+    parser.add_argument(
+        "--sample-transform",
+        metavar="MODULE:FUNCTION",
+        help="applied to the samples only, before --transform (e.g. map [-1, 1] to [0, 1])",
+    )
+    parser.add_argument(
+        "--memorization-ratio",
+        type=float,
+        default=1.0 / 3.0,
+        metavar="R",
+        help="a sample copies a training point when d1 < R d2 (1/3)",
+    )
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=[],
+        choices=SAMPLE_METRICS,
+        metavar="NAME",
+        help="the k-NN family too: precision recall density coverage authenticity (keys knn/*;"
+        " authenticity needs the training set)",
     )
 
 

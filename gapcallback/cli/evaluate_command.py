@@ -10,6 +10,7 @@ from gapcallback.cli.common import (
     add_data_options,
     add_output_options,
     add_preparation_options,
+    add_sample_options,
     apply,
     check_out_folder,
     dimension_method,
@@ -23,7 +24,6 @@ from gapcallback.cli.inputs import load_points
 from gapcallback.cli.outputs import staged_outputs
 from gapcallback.evaluation.offline import evaluate, evaluation_figure
 from gapcallback.evaluation.processes import current_processes
-from gapcallback.evaluation.sample_metrics import SAMPLE_METRICS
 
 __all__ = ["add_parser", "run"]
 
@@ -43,27 +43,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--samples", required=True, metavar="S", help="the model's samples (same formats)"
     )
-    parser.add_argument(
-        "--sample-transform",
-        metavar="MODULE:FUNCTION",
-        help="applied to the samples only, before --transform (e.g. map [-1, 1] to [0, 1])",
-    )
-    parser.add_argument(
-        "--memorization-ratio",
-        type=float,
-        default=1.0 / 3.0,
-        metavar="R",
-        help="a sample copies a training point when d1 < R d2 (1/3)",
-    )
-    parser.add_argument(
-        "--metrics",
-        nargs="+",
-        default=[],
-        choices=SAMPLE_METRICS,
-        metavar="NAME",
-        help="the k-NN family too: precision recall density coverage authenticity (keys knn/*;"
-        " authenticity needs the training set)",
-    )
+    add_sample_options(parser)
     parser.add_argument(
         "--shard-references",
         action="store_true",
