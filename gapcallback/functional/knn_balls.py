@@ -59,6 +59,7 @@ from gapcallback.search import (
     exact_dtype,
     gemm_operands,
     ldexp,
+    row_tiles,
     screen_exponent,
 )
 from gapcallback.utils.checks import (
@@ -281,10 +282,7 @@ def _entries_at_most(
     elif n_full:
         tiles = block[:, : n_full * TILE].view(rows, n_full, TILE)
         hit_r, hit_t = (tiles.amin(dim=2) <= bound[:, None]).nonzero(as_tuple=True)
-        if width == n_full * TILE and block.is_contiguous():  # tiles are rows: index_select
-            hit_tiles = block.view(-1, TILE).index_select(0, hit_r * n_full + hit_t)
-        else:
-            hit_tiles = tiles[hit_r, hit_t]
+        hit_tiles = row_tiles(block, TILE, hit_r, hit_t)
         kr, kc = (hit_tiles <= bound[hit_r, None]).nonzero(as_tuple=True)
         found_r.append(hit_r[kr])
         found_c.append(hit_t[kr] * TILE + kc)

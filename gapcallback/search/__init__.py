@@ -38,7 +38,14 @@ from gapcallback.search.ranges import (
     screen_exponent,
 )
 from gapcallback.search.recheck import RECHECK_ELEMENTS, direct_sq_dists
-from gapcallback.search.screen import TILE, bound_candidates, k_smallest, surviving, tile_candidates
+from gapcallback.search.screen import (
+    TILE,
+    bound_candidates,
+    k_smallest,
+    row_tiles,
+    surviving,
+    tile_candidates,
+)
 from gapcallback.search.topk import KNNResult, TopK, distinct_topk, merge_distinct, merge_sorted
 
 __all__ = [
@@ -76,6 +83,7 @@ __all__ = [
     "output_sq_dists",
     "prefer_kdtree",
     "range_message",
+    "row_tiles",
     "same_tensor",
     "screen_exponent",
     "surviving",

@@ -27,6 +27,7 @@ __all__ = [
     "Candidates",
     "bound_candidates",
     "k_smallest",
+    "row_tiles",
     "surviving",
     "tile_candidates",
 ]
@@ -97,14 +98,7 @@ def tile_candidates(
         # Whole tiles are gathered as rows of `tile` (contiguous unless transposed).
         full = hit_t < n_full
         fr, ft = hit_r[full], hit_t[full]
-        if transposed:
-            values = full_tiles[ft, :, fr]
-        elif width == n_full * tile and approx.is_contiguous():
-            # The tiles are the rows of one [rows * n_full, tile] view: index_select (3x
-            # faster than the two-index gather on torch 2.13 CPU).
-            values = approx.view(-1, tile).index_select(0, fr * n_full + ft)
-        else:
-            values = full_tiles[fr, ft]
+        values = full_tiles[ft, :, fr] if transposed else row_tiles(approx, tile, fr, ft)
         kr, kc = (values <= threshold[fr, None]).nonzero(as_tuple=True)
         cand_r.append(fr[kr])
         cand_c.append(ft[kr] * tile + kc)
@@ -119,6 +113,20 @@ def tile_candidates(
     if len(cand_r) == 1:
         return running, cand_r[0], cand_c[0], cand_v[0]
     return running, torch.cat(cand_r), torch.cat(cand_c), torch.cat(cand_v)
+
+
+def row_tiles(block: Tensor, tile: int, rows: Tensor, tiles: Tensor) -> Tensor:
+    """``[H, tile]``: tile ``tiles[h]`` (columns ``tiles[h] * tile`` on) of row ``rows[h]`` of
+    ``block`` ``[R, W]``, for whole tiles (``(tiles[h] + 1) * tile <= W``).
+
+    Where the tiles are the rows of one ``[R * W / tile, tile]`` view (``W`` a multiple of
+    ``tile``, ``block`` contiguous) they are gathered with ``index_select``, 3x faster than the
+    two-index gather on torch 2.13 CPU."""
+    width = block.shape[1]
+    n_full = width // tile
+    if width == n_full * tile and block.is_contiguous():
+        return block.view(-1, tile).index_select(0, rows * n_full + tiles)
+    return block[:, : n_full * tile].view(block.shape[0], n_full, tile)[rows, tiles]
 
 
 def bound_candidates(
