@@ -315,6 +315,16 @@ def test_gap_slope_explicit_sizes_and_errors() -> None:
         gap_slope_dimension(x, x[:10], sizes=[600, 600 - 1], repeats=1)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.25, 1e-30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gap_method_refuses_a_flat_curve_at_every_scale(scale: float, dtype: torch.dtype) -> None:
+    # Every gap of this curve is the same: the fitted slope is 0 up to rounding, whose sign
+    # once decided between an error and a dimension of 5e31.
+    x = torch.tensor([[2.0, 0.0], [1.0, -2.0], [0.0, 2.0], [0.0, 1.0], [0.0, 2.0]], dtype=dtype)
+    with pytest.raises(ValueError, match="does not decrease"):
+        intrinsic_dimension(x * scale, "gap")
+
+
 def test_multiscale_dimension_shows_noise_at_small_scales() -> None:
     x = _flat(4000, 2, 6, seed=4)
     noisy = x + 3e-3 * torch.randn(

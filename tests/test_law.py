@@ -78,6 +78,14 @@ def test_from_gaps_recovers_exact_power_law(d: float, p: float, constant: float)
     assert low == pytest.approx(high, rel=1e-9)
 
 
+@pytest.mark.parametrize("gap", [0.3, 0.1, 1e-30, 7.0])
+def test_from_gaps_refuses_a_flat_curve_whatever_the_rounding(gap: float) -> None:
+    # Equal gaps fit to a slope of a few ulps, of either sign: never a finite dimension of 1e31.
+    sizes = torch.tensor([8.0, 11.0, 16.0, 23.0, 32.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="does not decrease"):
+        GapLaw.from_gaps(sizes, torch.full((5,), gap, dtype=torch.float64))
+
+
 def test_from_gaps_fixed_dimension_anchors_at_largest_size() -> None:
     sizes = [10.0, 100.0, 1000.0]
     gaps = [1.0, 0.5, 0.1]

@@ -534,7 +534,7 @@ ID_OPTIONS = mostly(
     ],
     p_bad=0.3,
 )
-ID_ARGS = {"x", "k", "fit", "discard", "dup_tol", "bogus", "method", "options"}
+ID_ARGS = {"x", "k", "fit", "discard", "dup_tol", "bogus", "method", "options", "sizes"}
 
 
 def unit_scale(x: torch.Tensor) -> torch.Tensor:

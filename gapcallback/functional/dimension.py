@@ -81,6 +81,7 @@ from gapcallback.functional.gap_curve import (
     fit_line,
     gap_size_grid,
     measure_gap_curve,
+    slope_rounding,
 )
 from gapcallback.functional.nearest_neighbours import KNNResult, exact_knn
 from gapcallback.utils.checks import (
@@ -421,9 +422,10 @@ def gap_slope_dimension(
             " held-out `reference` that shares no point with `train` (or deduplicate first)."
         )
     log_n = curve.sizes.log()[:, None].expand(-1, repeats).reshape(-1)
-    line = fit_line(log_n, gaps.log().reshape(-1))
+    log_gaps = gaps.log().reshape(-1)
+    line = fit_line(log_n, log_gaps)
     slope, slope_std = float(line.slope), float(line.stderr)
-    if not slope < 0:
+    if not slope < -slope_rounding(log_n, log_gaps):  # equal gaps: 0 up to rounding
         raise ValueError(
             f"The gap does not decrease with n (slope {slope:.3g} of log R vs log n); the data look"
             " like noise or too few points. Use more points or larger `sizes`."

@@ -65,6 +65,7 @@ __all__ = [
     "gap_size_grid",
     "measure_gap_curve",
     "size_values",
+    "slope_rounding",
 ]
 
 SHARED_NEIGHBOURS = 5
@@ -185,6 +186,17 @@ def fit_line(x: Tensor, y: Tensor) -> LineFit:
     dof = max(1, x.numel() - 2)
     stderr = (resid.square().sum(dim=-1) / dof / sxx).sqrt()
     return LineFit(slope, stderr)
+
+
+def slope_rounding(x: Tensor, y: Tensor) -> float:
+    r"""The largest slope rounding alone can give :func:`fit_line` on a flat ``y`` (``[K]`` or
+    ``[B, K]``, float64): :math:`64\,\varepsilon \max_i |y_i| / (\max x - \min x)`.
+
+    Equal ordinates (a gap curve that does not move) fit to a slope of a few ulps, of either
+    sign; only a slope beyond this bound is evidence of a trend.
+    """
+    spread = float(x.max() - x.min())
+    return 64 * torch.finfo(torch.float64).eps * float(y.abs().max()) / spread
 
 
 def as_generator(seed: int | torch.Generator | None, name: str = "seed") -> torch.Generator:

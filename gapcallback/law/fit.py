@@ -32,7 +32,7 @@ import torch
 from scipy import special, stats
 from torch import Tensor
 
-from gapcallback.functional.gap_curve import fit_line
+from gapcallback.functional.gap_curve import fit_line, slope_rounding
 
 __all__ = [
     "NUM_BOOTSTRAP",
@@ -158,8 +158,9 @@ def fit_law(
     """
     log_n = sizes.log()
     if dimension is None:
-        slope = float(fit_line(log_n[in_fit], gaps[in_fit].log()).slope)
-        if not slope < 0.0:
+        log_gaps = gaps[in_fit].log()
+        slope = float(fit_line(log_n[in_fit], log_gaps).slope)
+        if not slope < -slope_rounding(log_n[in_fit], log_gaps):  # equal gaps: 0 up to rounding
             raise ValueError(
                 f"The gap does not decrease with the training-set size (fitted slope {slope:.3g}"
                 f" of log R vs log n over sizes {sizes[in_fit].long().tolist()}, gaps "
