@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from gapcallback.functional import knn
+from gapcallback.search import DEFAULT_POINT_BLOCK, DEFAULT_QUERY_BLOCK
 
 RESULTS = Path(__file__).parent / "results"
-QUERY_BLOCK, POINT_BLOCK = 1024, 2048  # F.knn's default blocks
+QUERY_BLOCK, POINT_BLOCK = DEFAULT_QUERY_BLOCK, DEFAULT_POINT_BLOCK  # F.knn's default blocks
 
 
 def blocked(product, a, b, out) -> None:

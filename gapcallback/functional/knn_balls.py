@@ -181,7 +181,9 @@ def ball_counts(
     with full_precision(device.type):
         centre = (c.sum(dim=0, dtype=exact) / m).to(dtype)
         screen = torch.float32 if dtype == torch.float64 else dtype
-        ops = gemm_operands(q, c, centre, screen, symmetric=True)  # products: full distances
+        ops = gemm_operands(
+            q, c, centre, screen, symmetric=True, query_block=q_block
+        )  # full distances
         exponent = 0
         # The largest centred entry t satisfies sqrt(top / D) <= t <= sqrt(top) (top: the largest
         # squared norm): when both ends need no scaling, neither does t, and no pass measures it.
@@ -191,8 +193,8 @@ def ball_counts(
                 and screen_exponent(math.sqrt(top / dim)) == 0):  # fmt: skip
             exponent = screen_exponent(centred_magnitude(c, centre), centred_magnitude(q, centre))
             if exponent:
-                ops = gemm_operands(ldexp(q, exponent), ldexp(c, exponent),
-                                    ldexp(centre, exponent), screen, symmetric=True)  # fmt: skip
+                ops = gemm_operands(ldexp(q, exponent), ldexp(c, exponent), ldexp(centre, exponent),
+                                    screen, symmetric=True, query_block=q_block)  # fmt: skip
         qn, cn = ops.query_norms.to(exact), ops.point_norms.to(exact)
         info = torch.finfo(screen)
         factor = 2.0 * (2 * dim + 16) * info.eps
@@ -231,7 +233,7 @@ def ball_counts(
         buffer = torch.empty(min(q_block, n) * min(c_block, m), dtype=screen, device=device)
         for qs in range(0, n, q_block):
             qe = min(qs + q_block, n)
-            rows = ops.queries[qs:qe]
+            rows = ops.queries.rows(qs, qe)
             for cs in range(0, m, c_block):
                 ce = min(cs + c_block, m)
                 block = buffer[: (qe - qs) * (ce - cs)].view(qe - qs, ce - cs)

@@ -88,6 +88,7 @@ def blocked_search(
     distinct: bool = False,
     first_batch: int | None = None,
     pending_per_row: int = PENDING_PER_ROW,
+    slack: Tensor | None = None,
 ) -> TopK:
     """Exact top-k of every row among ``n_cols`` columns.
 
@@ -107,6 +108,9 @@ def blocked_search(
         first_batch: candidates per row evaluated in the first branch-and-bound round (default:
             all survivors); later rounds double it.
         pending_per_row: cap on buffered candidates per row.
+        slack: with ``symmetric`` and a product of screened values, ``[n_rows]`` every row's
+            slack (a block read by columns needs its columns' slack before their rows are
+            formed).
 
     Returns:
         The :class:`TopK` ``[n_rows, k]`` of exact distances and column indices.
@@ -136,9 +140,7 @@ def blocked_search(
         else:
             best.push(rows, exact(rows, cols), cols, span=(lo, hi))
 
-    slacks: Tensor | None = None
-    if symmetric:
-        lo, hi = 0, n_rows
+    slacks: Tensor | None = slack if symmetric else None
     for rs, re in row_blocks:
         row_op = product.rows(rs, re)
         if not symmetric:
@@ -146,7 +148,7 @@ def blocked_search(
             running = None
             slacks = row_op.slack
         elif slacks is None and row_op.slack is not None:
-            slacks = torch.cat([product.rows(s, e).slack for s, e in row_blocks])
+            raise ValueError("a symmetric search of screened values needs every row's `slack`")
         col_ranges = (
             [(s, e) for s, e in row_blocks if s >= rs]
             if symmetric

@@ -51,8 +51,10 @@ from gapcallback.utils.precision import full_precision
 __all__ = [
     "DEFAULT_POINT_BLOCK",
     "DEFAULT_QUERY_BLOCK",
+    "CentredRows",
     "GemmOperands",
     "GemmProduct",
+    "centred_squared_norms",
     "gemm_knn",
     "gemm_operands",
     "same_tensor",
@@ -62,47 +64,99 @@ DEFAULT_QUERY_BLOCK = 1024
 DEFAULT_POINT_BLOCK = 2048
 
 
+class CentredRows:
+    r"""The screen's query rows :math:`[q_i - c, 1]` (symmetric: :math:`[q_i - c, 1, \lVert q_i -
+    c\rVert^2]`) in the screen dtype, built a block of rows at a time into one reused buffer.
+
+    Never ``[N, D + 1]`` at once: a fresh buffer of that size costs more in page faults (one per
+    4 KiB page) than its arithmetic, and a block is used once, right after it is built.
+
+    Args:
+        q: ``[N, D]`` queries (data dtype); ``centre`` ``[D]``.
+        dtype: the screen dtype.
+        norms: ``[N]`` :math:`\lVert q_i - c\rVert^2`, the last column of symmetric operands
+            (``None``: not symmetric).
+        max_rows: the largest block :meth:`rows` is asked for (the buffer's rows).
+    """
+
+    def __init__(
+        self, q: Tensor, centre: Tensor, dtype: torch.dtype, norms: Tensor | None, max_rows: int
+    ) -> None:
+        self.q, self.centre, self.norms = q, centre, norms
+        n, dim = q.shape
+        self.buffer = torch.empty(
+            min(max_rows, n), dim + (1 if norms is None else 2), dtype=dtype, device=q.device
+        )
+        self.buffer[:, dim] = 1.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, D + 1)`` (``(N, D + 2)`` when symmetric): the shape of all the rows."""
+        return self.q.shape[0], self.buffer.shape[1]
+
+    def rows(self, start: int, end: int) -> Tensor:
+        """``[end - start, D + 1]`` (or ``D + 2``) rows ``start:end``, valid until the next call."""
+        dim = self.q.shape[1]
+        out = self.buffer[: end - start]
+        torch.sub(self.q[start:end], self.centre, out=out[:, :dim])
+        if self.norms is not None:
+            out[:, dim + 1] = self.norms[start:end]
+        return out
+
+
 class GemmOperands(NamedTuple):
     r"""Screening operands of centred data (``c`` the centre), in the screen dtype.
 
     Attributes:
-        queries: ``[N, D + 1]`` :math:`[q - c, 1]` (``[N, D + 2]``: :math:`[q - c, 1, \lVert q -
-            c\rVert^2]` when symmetric).
+        queries: :class:`CentredRows`: blocks of :math:`[q - c, 1]` (:math:`[q - c, 1, \lVert q -
+            c\rVert^2]` when symmetric), ``[rows, D + 1]`` (``[rows, D + 2]``).
         points: ``[M, D + 1]`` :math:`[-2 (x - c), \lVert x - c\rVert^2]` (``[M, D + 2]``: with a
             final column of ones when symmetric).
         query_norms: ``[N]`` :math:`\lVert q - c\rVert^2`.
         point_norms: ``[M]`` :math:`\lVert x - c\rVert^2`.
     """
 
-    queries: Tensor
+    queries: CentredRows
     points: Tensor
     query_norms: Tensor
     point_norms: Tensor
 
 
 def gemm_operands(
-    q: Tensor, x: Tensor, centre: Tensor, dtype: torch.dtype, symmetric: bool = False
+    q: Tensor,
+    x: Tensor,
+    centre: Tensor,
+    dtype: torch.dtype,
+    symmetric: bool = False,
+    *,
+    query_block: int = DEFAULT_QUERY_BLOCK,
 ) -> GemmOperands:
     r"""The augmented GEMM operands of :class:`GemmOperands`: their product is
     :math:`a_{ij} = \lVert x_j\rVert^2 - 2\langle q_i, x_j\rangle` in one GEMM, with no separate
     pass adding the norms (the scaling by -2 is exact); with ``symmetric`` (``q`` is ``x``) the
-    full expanded distance, symmetric in ``i, j``."""
-    n, dim = q.shape
+    full expanded distance, symmetric in ``i, j``. The query rows are built ``query_block`` at a
+    time (:class:`CentredRows`).
+
+    The points' rows are formed in one pass as :math:`2c - 2x`, which rounds to exactly
+    :math:`-2\,\mathrm{fl}(x - c)` (rounding commutes with the power-of-two scaling), and their
+    squared norms are a quarter of those rows' (exactly: every square and partial sum is scaled
+    by 4)."""
+    dim = q.shape[1]
     extra = 2 if symmetric else 1
-    q_aug = torch.empty(n, dim + extra, dtype=dtype, device=q.device)
     x_aug = torch.empty(x.shape[0], dim + extra, dtype=dtype, device=x.device)
-    torch.sub(q, centre, out=q_aug[:, :dim])
-    q_aug[:, dim] = 1.0
-    torch.sub(x, centre, out=x_aug[:, :dim])
-    q_norms = squared_norms(q_aug[:, :dim])
-    x_norms = squared_norms(x_aug[:, :dim])
-    x_aug[:, :dim].mul_(-2.0)
+    torch.add(centre * 2.0, x, alpha=-2.0, out=x_aug[:, :dim])
+    x_norms = squared_norms(x_aug[:, :dim]).mul_(0.25)
+    q_norms = x_norms if q is x else centred_squared_norms(q, centre, dtype)
     x_aug[:, dim] = x_norms
     if symmetric:
-        q_aug[:, dim + 1] = q_norms
         x_aug[:, dim + 1] = 1.0
-    return GemmOperands(q_aug, x_aug, q_norms, x_norms)
+    queries = CentredRows(q, centre, dtype, q_norms if symmetric else None, query_block)
+    return GemmOperands(queries, x_aug, q_norms, x_norms)
 
+
+CENTRE_ROWS = 1024
+"""Points (evenly spaced) whose mean is the screen's centre: near the data, as the error bound
+wants, for a fraction of a pass over it."""
 
 NORM_CHUNK_ELEMENTS = 1 << 18
 """Values squared at a time by :func:`squared_norms` (1 MiB in float32)."""
@@ -122,6 +176,24 @@ def squared_norms(rows: Tensor) -> Tensor:
     return out
 
 
+def centred_squared_norms(rows: Tensor, centre: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[N]``: :math:`\\lVert r_i - c\\rVert^2` of ``rows`` ``[N, D]`` as the screen sees them:
+    the centred rows rounded to ``dtype``, squared and summed in ``dtype`` (the bits of
+    :func:`squared_norms` of the centred rows), a chunk of rows at a time through one reused
+    buffer (the centred rows are never stored)."""
+    if rows.device.type != "cpu":
+        return (rows - centre).to(dtype).square().sum(dim=1)
+    n, dim = rows.shape
+    out = torch.empty(n, dtype=dtype, device=rows.device)
+    chunk = max(1, NORM_CHUNK_ELEMENTS // max(1, dim))
+    work = torch.empty(min(chunk, n), dim, dtype=dtype, device=rows.device)
+    for s in range(0, n, chunk):
+        part = work[: min(s + chunk, n) - s]
+        torch.sub(rows[s : s + chunk], centre, out=part)
+        torch.sum(part.square_(), dim=1, out=out[s : s + chunk])
+    return out
+
+
 class GemmProduct:
     """The GEMM screen as a :class:`~gapcallback.search.driver.Product`.
 
@@ -135,11 +207,11 @@ class GemmProduct:
         self.operands = operands
         self.slack = slack
         self.buffer = torch.empty(
-            buffer_size, dtype=operands.queries.dtype, device=operands.queries.device
+            buffer_size, dtype=operands.points.dtype, device=operands.points.device
         )
 
     def rows(self, start: int, end: int) -> RowBlock:
-        return RowBlock(self.operands.queries[start:end], self.slack[start:end])
+        return RowBlock(self.operands.queries.rows(start, end), self.slack[start:end])
 
     def block(self, rows: RowBlock, start: int, end: int) -> Tensor:
         out = self.buffer[: rows.operands.shape[0] * (end - start)]
@@ -167,7 +239,8 @@ def _no_scaling_needed(ops: GemmOperands, dim: int) -> bool:
 
     The largest entry :math:`t` of the centred data satisfies :math:`\sqrt{\nu / D} \le t \le
     \sqrt{\nu}` for the largest squared norm :math:`\nu`; a factor 2 on each side covers the
-    rounding of the computed norms (relative error below :math:`D\,\varepsilon`)."""
+    rounding of the computed norms (relative error below :math:`D\,\varepsilon`). False when a
+    norm is NaN or infinite (the maximum propagates NaN): True proves every norm finite."""
     top = float(torch.maximum(ops.query_norms.max(), ops.point_norms.max()))
     if not math.isfinite(top):
         return False
@@ -211,17 +284,20 @@ def gemm_knn(
         q = queries.to(dtype)
         x = points.to(dtype)
         same = exclude_self and same_tensor(queries, points)
+        # Rows per block: a symmetric self-search multiplies square blocks.
+        row_block = max(1, int(math.sqrt(query_block * point_block))) if same else query_block
         # The centre only moves the screen's origin (any centre gives the same exact result;
-        # the slack bounds the rounding of the centred values): the mean in the data's own
-        # dtype, ~10x cheaper than accumulating in float64 (24 ms at 8000 x 784).
-        centre = x.mean(dim=0)
+        # the slack bounds the rounding of the centred values): the mean of at most
+        # CENTRE_ROWS evenly spaced points, in the data's own dtype (a pass over all of them
+        # costs 4 ms at 8000 x 784; accumulating in float64, 24 ms).
+        centre = x[:: max(1, m // CENTRE_ROWS)].mean(dim=0)
         # float64 inputs are screened in float32 (twice the GEMM speed) when that is finite; the
         # rounding of the inputs to float32 is inside the slack below, and the re-check is float64.
         screen = torch.float32 if dtype == torch.float64 else dtype
         # Operands of the unscaled data first: their norms bound the centred magnitudes, and
         # when the bounds prove them inside 2^[-30, 30] the power-of-two scaling (see
         # gapcallback.search.ranges) is 0 without a pass over the data to measure them.
-        ops = gemm_operands(q, x, centre, screen, same)
+        ops = gemm_operands(q, x, centre, screen, same, query_block=row_block)
         if not _no_scaling_needed(ops, dim):
             # Extreme (or non-finite) magnitudes: measure them, and screen on data scaled by a
             # power of two (exact); the re-check always uses the raw inputs.
@@ -229,17 +305,22 @@ def gemm_knn(
             if exponent:
                 xs = ldexp(x, exponent)
                 qs_ = xs if same else ldexp(q, exponent)
-                ops = gemm_operands(qs_, xs, ldexp(centre, exponent), screen, same)
+                ops = gemm_operands(
+                    qs_, xs, ldexp(centre, exponent), screen, same, query_block=row_block
+                )
             else:
                 xs, qs_ = x, q
             if screen != dtype and not _all_finite(ops.query_norms, ops.point_norms):
                 screen = dtype
-                ops = gemm_operands(qs_, xs, ldexp(centre, exponent), screen, same)
-        # NaN/Inf in an input shows up in the norms: one cheap test instead of a full pass.
-        if not _all_finite(ops.query_norms, ops.point_norms):
-            check_finite(queries, names[0])
-            check_finite(points, names[1])
-            raise DistanceRangeError("overflow", dtype, float("inf"))
+                ops = gemm_operands(
+                    qs_, xs, ldexp(centre, exponent), screen, same, query_block=row_block
+                )
+            # NaN/Inf in an input shows up in the norms: one cheap test instead of a full
+            # pass (where no scaling is needed the largest norm is finite, and so are all).
+            if not _all_finite(ops.query_norms, ops.point_norms):
+                check_finite(queries, names[0])
+                check_finite(points, names[1])
+                raise DistanceRangeError("overflow", dtype, float("inf"))
         eps = torch.finfo(screen).eps
         # Twice a bound on the rounding error of one entry (module docstring), per query row.
         slack = 2.0 * (2 * dim + 16) * eps * (ops.query_norms + ops.point_norms.max())
@@ -248,12 +329,12 @@ def gemm_knn(
             return direct_sq_dists(q, x, rows, cols, exact)
 
         if same:
-            block = max(1, int(math.sqrt(query_block * point_block)))
-            product = GemmProduct(ops, slack, min(block, n) ** 2)
-            row_blocks = [(s, min(s + block, n)) for s in range(0, n, block)]
+            product = GemmProduct(ops, slack, min(row_block, n) ** 2)
+            row_blocks = [(s, min(s + row_block, n)) for s in range(0, n, row_block)]
             best = blocked_search(
-                product, recheck, n, m, k, row_blocks=row_blocks, col_block=block,
+                product, recheck, n, m, k, row_blocks=row_blocks, col_block=row_block,
                 dtype=exact, device=points.device, symmetric=True, exclude_diagonal=True,
+                slack=slack,
             )  # fmt: skip
         else:
             product = GemmProduct(ops, slack, min(query_block, n) * min(point_block, m))

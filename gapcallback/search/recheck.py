@@ -28,17 +28,24 @@ def direct_sq_dists(
     already in ``exact_dtype`` (no wider dtype to compute in), a squared distance that lost a
     non-zero difference to underflow raises :class:`~gapcallback.search.DistanceRangeError`.
     """
-    out = torch.empty(q_idx.shape[0], dtype=exact_dtype, device=q.device)
-    chunk = max(1, RECHECK_ELEMENTS // max(1, q.shape[1]))
-    for s in range(0, q_idx.shape[0], chunk):
-        e = min(s + chunk, q_idx.shape[0])
-        # In place: one [T, D] buffer (x's values convert exactly inside the subtraction). Rows
-        # are gathered with index_select: 2.3x faster than advanced indexing on torch 2.13 CPU.
-        diff = q.index_select(0, q_idx[s:e]).to(exact_dtype)
-        diff.sub_(x.index_select(0, x_idx[s:e]))
-        if q.dtype == exact_dtype:  # no wider dtype: the squares can underflow
-            out[s:e] = diff.square().sum(dim=1)
-            check_underflow(out[s:e], diff)
+    n_pairs, dim = q_idx.shape[0], q.shape[1]
+    out = torch.empty(n_pairs, dtype=exact_dtype, device=q.device)
+    chunk = max(1, RECHECK_ELEMENTS // max(1, dim))
+    # One reused [chunk, D] buffer (fresh ones cost a page fault per 4 KiB); rows are gathered
+    # with index_select: 2.3x faster than advanced indexing on torch 2.13 CPU.
+    work = torch.empty(min(chunk, n_pairs), dim, dtype=exact_dtype, device=q.device)
+    widen = q.dtype != exact_dtype
+    for s in range(0, n_pairs, chunk):
+        e = min(s + chunk, n_pairs)
+        diff = work[: e - s]
+        if widen:  # x's values convert exactly inside the subtraction
+            diff.copy_(q.index_select(0, q_idx[s:e]))
         else:
-            out[s:e] = diff.square_().sum(dim=1)
+            torch.index_select(q, 0, q_idx[s:e], out=diff)
+        diff.sub_(x.index_select(0, x_idx[s:e]))
+        if widen:
+            torch.sum(diff.square_(), dim=1, out=out[s:e])
+        else:  # no wider dtype: the squares can underflow
+            torch.sum(diff.square(), dim=1, out=out[s:e])
+            check_underflow(out[s:e], diff)
     return out
