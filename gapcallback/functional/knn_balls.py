@@ -148,7 +148,9 @@ def ball_counts(
             :func:`knn_sq_radii`), finite and non-negative.
         query_sq_radii: ``[Nq]`` squared radii of balls around the queries, or ``None``.
         names: the user's names of the two sets, for error messages.
-        block_size: ``(query_block, centre_block)``; default ``(1024, 2048)``.
+        block_size: ``(query_block, centre_block)``; default the engine's
+            (:data:`~gapcallback.search.DEFAULT_QUERY_BLOCK`,
+            :data:`~gapcallback.search.DEFAULT_POINT_BLOCK`).
 
     Returns:
         :class:`BallCounts`, int64.

@@ -60,8 +60,12 @@ __all__ = [
     "same_tensor",
 ]
 
-DEFAULT_QUERY_BLOCK = 1024
-DEFAULT_POINT_BLOCK = 2048
+DEFAULT_QUERY_BLOCK = 2048
+DEFAULT_POINT_BLOCK = 4096
+"""Rows per block of the plain search (a 32 MB float32 block). Wide point blocks leave fewer
+column blocks per row block, so fewer running bounds are still loose when a block is screened
+(at N = M = 8000, D = 784 the whole search went from 1.16-1.2x to 1.14x the bare blocked GEMM of
+its blocks, whose own speed barely depends on them; ``benchmarks/gemm_floor.py``)."""
 
 
 class CentredRows:
@@ -144,8 +148,12 @@ def gemm_operands(
     dim = q.shape[1]
     extra = 2 if symmetric else 1
     x_aug = torch.empty(x.shape[0], dim + extra, dtype=dtype, device=x.device)
-    torch.add(centre * 2.0, x, alpha=-2.0, out=x_aug[:, :dim])
-    x_norms = squared_norms(x_aug[:, :dim]).mul_(0.25)
+    x_norms = torch.empty(x.shape[0], dtype=dtype, device=x.device)
+    two_c = centre * 2.0
+    for s, e in _row_chunks(x):  # each chunk's norms while it is in cache
+        torch.add(two_c, x[s:e], alpha=-2.0, out=x_aug[s:e, :dim])
+        torch.sum(x_aug[s:e, :dim].square(), dim=1, out=x_norms[s:e])
+    x_norms.mul_(0.25)
     q_norms = x_norms if q is x else centred_squared_norms(q, centre, dtype)
     x_aug[:, dim] = x_norms
     if symmetric:
@@ -159,38 +167,34 @@ CENTRE_ROWS = 1024
 wants, for a fraction of a pass over it."""
 
 NORM_CHUNK_ELEMENTS = 1 << 18
-"""Values squared at a time by :func:`squared_norms` (1 MiB in float32)."""
+"""Values squared at a time on CPU (1 MiB in float32): the squares never take an ``[N, D]``
+temporary, which costs more in page faults (one per 4 KiB page, 6000 for 8000 x 784) than the
+arithmetic, and each chunk is reduced while it is in cache."""
 
 
-def squared_norms(rows: Tensor) -> Tensor:
-    """``[N]``: :math:`\\sum_t r_{it}^2` of ``rows`` ``[N, D]``, as ``rows.square().sum(dim=1)``
-    (the same bits: each row is reduced alone) but a chunk of rows at a time, so the squares never
-    take an ``[N, D]`` temporary: a fresh buffer of that size costs more in page faults (one per
-    4 KiB page, 6000 for 8000 x 784) than the arithmetic."""
-    if rows.device.type != "cpu":  # no page faults to spare; one kernel
-        return rows.square().sum(dim=1)
-    out = torch.empty(rows.shape[0], dtype=rows.dtype, device=rows.device)
-    chunk = max(1, NORM_CHUNK_ELEMENTS // max(1, rows.shape[1]))
-    for s in range(0, rows.shape[0], chunk):
-        torch.sum(rows[s : s + chunk].square(), dim=1, out=out[s : s + chunk])
-    return out
+def _row_chunks(rows: Tensor) -> list[tuple[int, int]]:
+    """``(start, end)`` chunks of the rows of ``rows`` ``[N, D]``: of :data:`NORM_CHUNK_ELEMENTS`
+    values on CPU, one chunk elsewhere (no page faults to spare; one kernel each)."""
+    n, dim = rows.shape
+    if rows.device.type != "cpu":
+        return [(0, n)]
+    chunk = max(1, NORM_CHUNK_ELEMENTS // max(1, dim))
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
 
 def centred_squared_norms(rows: Tensor, centre: Tensor, dtype: torch.dtype) -> Tensor:
     """``[N]``: :math:`\\lVert r_i - c\\rVert^2` of ``rows`` ``[N, D]`` as the screen sees them:
-    the centred rows rounded to ``dtype``, squared and summed in ``dtype`` (the bits of
-    :func:`squared_norms` of the centred rows), a chunk of rows at a time through one reused
-    buffer (the centred rows are never stored)."""
-    if rows.device.type != "cpu":
-        return (rows - centre).to(dtype).square().sum(dim=1)
+    the centred rows rounded to ``dtype``, squared and summed in ``dtype`` (each row reduced
+    alone: the bits of ``(rows - c).to(dtype).square().sum(1)``), a chunk of rows at a time
+    through one reused buffer (the centred rows are never stored)."""
     n, dim = rows.shape
     out = torch.empty(n, dtype=dtype, device=rows.device)
-    chunk = max(1, NORM_CHUNK_ELEMENTS // max(1, dim))
-    work = torch.empty(min(chunk, n), dim, dtype=dtype, device=rows.device)
-    for s in range(0, n, chunk):
-        part = work[: min(s + chunk, n) - s]
-        torch.sub(rows[s : s + chunk], centre, out=part)
-        torch.sum(part.square_(), dim=1, out=out[s : s + chunk])
+    chunks = _row_chunks(rows)
+    work = torch.empty(chunks[0][1] if chunks else 0, dim, dtype=dtype, device=rows.device)
+    for s, e in chunks:
+        part = work[: e - s]
+        torch.sub(rows[s:e], centre, out=part)
+        torch.sum(part.square_(), dim=1, out=out[s:e])
     return out
 
 

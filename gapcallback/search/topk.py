@@ -85,6 +85,8 @@ def merge_sorted(
     n_rows, k = best_d.shape
     if rows.numel() == 0:
         return best_d, best_i
+    if k == 1:
+        return _merge_nearest(best_d, best_i, rows, dists, cols)
     if not bool((best_i[:, 0] < 0).all()):
         base_rows = torch.arange(n_rows, device=rows.device).repeat_interleave(k)
         live = best_i.reshape(-1) >= 0
@@ -114,6 +116,23 @@ def merge_sorted(
     table_c = table_c.gather(1, by_dist)
     out_i = table_c[:, :k]
     return table_d[:, :k].contiguous(), torch.where(out_i == unused, -1, out_i)
+
+
+def _merge_nearest(
+    best_d: Tensor, best_i: Tensor, rows: Tensor, dists: Tensor, cols: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`merge_sorted` for ``k = 1`` without a sort: per row the smallest distance (a
+    scatter minimum), then the lowest column among the entries at it (the current one included
+    when the row has one)."""
+    current_d, current_i = best_d[:, 0], best_i[:, 0]
+    dists = dists.to(best_d.dtype)
+    d = current_d.clone().scatter_reduce_(0, rows, dists, "amin")
+    unused = torch.iinfo(torch.long).max
+    keep = (current_i >= 0) & (current_d == d)
+    c = torch.where(keep, current_i, unused)
+    at_min = dists == d.index_select(0, rows)
+    c.scatter_reduce_(0, rows[at_min], cols[at_min], "amin")
+    return d[:, None], torch.where(c == unused, -1, c)[:, None]
 
 
 def merge_distinct(
