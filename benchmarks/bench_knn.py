@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from gapcallback.functional import knn, representation_gap
+from gapcallback.search import DEFAULT_POINT_BLOCK, DEFAULT_QUERY_BLOCK
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,7 +53,11 @@ def cdist_knn(q: torch.Tensor, x: torch.Tensor) -> np.ndarray:
     return (torch.cdist(q, x).min(dim=1).values ** 2).numpy()
 
 
-def gemm_alone(q: torch.Tensor, x: torch.Tensor, block: tuple[int, int] = (1024, 2048)) -> None:
+def gemm_alone(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    block: tuple[int, int] = (DEFAULT_QUERY_BLOCK, DEFAULT_POINT_BLOCK),
+) -> None:
     """The floor of any exact GEMM-based search: the blocked product ``F.knn`` runs (augmented
     ``K = D + 1`` operands, default blocks, one reused buffer), with no screening or re-check."""
     q_aug = torch.cat([q, torch.ones(q.shape[0], 1)], dim=1)

@@ -56,7 +56,7 @@ What it does, in order (a failing part is recorded with its error and the script
 
 2. Timings: ``F.knn`` (k=1) and ``F.representation_gap`` against the plain blocked ``torch.mm``
    the engine runs (augmented ``K = D + 1`` fp32 operands built beforehand, the engine's blocks,
-   ``1024 x 2048`` by default, one reused buffer, IEEE fp32 under the library's own precision
+   ``2048 x 4096`` by default, one reused buffer, IEEE fp32 under the library's own precision
    guard: the floor of the engine), and against faiss-gpu (``GpuIndexFlatL2``, build + search)
    or cuVS (``brute_force``, build + search) when importable. Shapes N = M in ``--sizes`` at D in
    ``--dims`` (default 20000, 100000, 1000000 at 64 and 768). Gaussian data made on the device;
@@ -122,13 +122,10 @@ if str(ROOT) not in sys.path:  # gapcallback and tests/ from the working tree (n
 
 import gapcallback as gc  # noqa: E402
 from gapcallback import functional as F  # noqa: E402
-from gapcallback.functional import knn as knn_module  # noqa: E402
+from gapcallback.search import DEFAULT_POINT_BLOCK, DEFAULT_QUERY_BLOCK  # noqa: E402
 
 #: The engine's default blocks (rows of queries, rows of points per product).
-ENGINE_BLOCKS = (
-    int(getattr(knn_module, "_DEFAULT_QUERY_BLOCK", 1024)),
-    int(getattr(knn_module, "_DEFAULT_POINT_BLOCK", 2048)),
-)
+ENGINE_BLOCKS = (DEFAULT_QUERY_BLOCK, DEFAULT_POINT_BLOCK)
 #: Blocks of the dry run: small, so that its tiny shapes still span several blocks and a subset.
 DRY_BLOCKS = (128, 256)
 TARGET_RATIO = 1.3

@@ -51,8 +51,6 @@ from torch import Tensor
 
 from gapcallback.functional.nearest_neighbours import DistanceRangeError, exact_knn
 from gapcallback.search import (
-    DEFAULT_POINT_BLOCK,
-    DEFAULT_QUERY_BLOCK,
     TILE,
     centred_magnitude,
     direct_sq_dists,
@@ -71,7 +69,19 @@ from gapcallback.utils.checks import (
 )
 from gapcallback.utils.precision import full_precision
 
-__all__ = ["BallCounts", "ball_counts", "check_point_sets", "fraction", "knn_sq_radii"]
+__all__ = [
+    "BALL_BLOCKS",
+    "BallCounts",
+    "ball_counts",
+    "check_point_sets",
+    "fraction",
+    "knn_sq_radii",
+]
+
+#: ``(query_block, centre_block)`` of :func:`ball_counts` (a 8 MB float32 block). Smaller than the
+#: plain search's blocks: a ball's radius is fixed, so wide blocks buy no tighter bound here, only
+#: memory.
+BALL_BLOCKS = (1024, 2048)
 
 
 class BallCounts(NamedTuple):
@@ -148,9 +158,7 @@ def ball_counts(
             :func:`knn_sq_radii`), finite and non-negative.
         query_sq_radii: ``[Nq]`` squared radii of balls around the queries, or ``None``.
         names: the user's names of the two sets, for error messages.
-        block_size: ``(query_block, centre_block)``; default the engine's
-            (:data:`~gapcallback.search.DEFAULT_QUERY_BLOCK`,
-            :data:`~gapcallback.search.DEFAULT_POINT_BLOCK`).
+        block_size: ``(query_block, centre_block)``; default :data:`BALL_BLOCKS`.
 
     Returns:
         :class:`BallCounts`, int64.
@@ -165,7 +173,7 @@ def ball_counts(
                 f"the radii of `{name}` must have shape [{size}] (one per point), got "
                 f"{tuple(radii_.shape)}."
             )
-    q_block, c_block = block_size or (DEFAULT_QUERY_BLOCK, DEFAULT_POINT_BLOCK)
+    q_block, c_block = block_size or BALL_BLOCKS
     dtype = compute_dtype(queries, centres)
     exact = exact_dtype(centres.device, dtype)
     # The inputs as the engine re-checks them (fp16/bf16 promoted), so that distances here and in

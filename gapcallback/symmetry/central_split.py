@@ -52,8 +52,6 @@ import torch
 from torch import Tensor
 
 from gapcallback.search import (
-    DEFAULT_POINT_BLOCK,
-    DEFAULT_QUERY_BLOCK,
     PENDING_PER_ROW,
     RECHECK_ELEMENTS,
     RowBlock,
@@ -71,6 +69,10 @@ from gapcallback.utils.precision import full_precision
 MAX_INVOLUTIONS = 3
 #: Keep eigenspaces at least this wide on average (``2^r <= D / MIN_WIDTH``).
 MIN_WIDTH = 4
+
+#: Rows of coset images and of points per block of the split search: its own sizes, not the
+#: plain search's (a block holds one product per eigenspace; the point block shrinks with them).
+SPLIT_QUERY_BLOCK, SPLIT_POINT_BLOCK = 1024, 2048
 
 
 class CentralSplit(NamedTuple):
@@ -345,8 +347,8 @@ def split_orbit_knn(
         x_ops = [ux[:, a:b].to(screen) for a, b in split.sections]  # [M, D_c]
         slack_factor = 2.0 * (2 * dim + 16 + 4 * n_e**2) * torch.finfo(screen).eps
         if point_block is None:
-            point_block = max(1, DEFAULT_POINT_BLOCK // max(1, n_e // 2))
-        chunk = max(1, min(chunk, DEFAULT_QUERY_BLOCK, n))
+            point_block = max(1, SPLIT_POINT_BLOCK // max(1, n_e // 2))
+        chunk = max(1, min(chunk, SPLIT_QUERY_BLOCK, n))
         product = _SplitProduct(
             q, centre, exponent, split, weights, x_ops, float(x_norms.max()), slack_factor,
             screen, n_e * chunk * min(point_block, m),
