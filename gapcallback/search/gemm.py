@@ -93,11 +93,6 @@ class CentredRows:
         )
         self.buffer[:, dim] = 1.0
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(N, D + 1)`` (``(N, D + 2)`` when symmetric): the shape of all the rows."""
-        return self.q.shape[0], self.buffer.shape[1]
-
     def rows(self, start: int, end: int) -> Tensor:
         """``[end - start, D + 1]`` (or ``D + 2``) rows ``start:end``, valid until the next call."""
         dim = self.q.shape[1]

@@ -88,12 +88,7 @@ def tile_candidates(
         kr, kc = (block <= threshold[:, None]).nonzero(as_tuple=True)
         return running, kr, kc, block[kr, kc]
     tile_min = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    if k == 1:
-        running = torch.minimum(running, tile_min.amin(dim=1, keepdim=True))
-    else:
-        running = k_smallest(torch.cat([running, tile_min], dim=1), k)
-    # Finite, so that masked entries (+inf: a point's own index) are never candidates.
-    threshold = (running.amax(dim=1) + slack).clamp_max(torch.finfo(approx.dtype).max)
+    running, threshold = _running_bounds(running, tile_min, slack)
     hit_r, hit_t = (tile_min <= threshold[:, None]).nonzero(as_tuple=True)
     cand_r, cand_c, cand_v = [], [], []
     if n_full:
@@ -117,6 +112,20 @@ def tile_candidates(
     return running, torch.cat(cand_r), torch.cat(cand_c), torch.cat(cand_v)
 
 
+def _running_bounds(running: Tensor, tile_min: Tensor, slack: Tensor) -> tuple[Tensor, Tensor]:
+    """The running bounds ``[rows, k]`` updated with a block's tile minima ``[rows, T]``, and the
+    candidates' threshold ``[rows]``: the k-th bound plus ``slack``, finite, so that masked
+    entries (+inf: a point's own index) are never candidates."""
+    k = running.shape[1]
+    if k == 1:
+        running = torch.minimum(running, tile_min.amin(dim=1, keepdim=True))
+    else:
+        running = k_smallest(torch.cat([running, tile_min], dim=1), k)
+    # running is ascending: its last column is the k-th bound.
+    threshold = (running[:, -1] + slack).clamp_max_(torch.finfo(tile_min.dtype).max)
+    return running, threshold
+
+
 def _whole_tile_candidates(
     approx: Tensor, running: Tensor, slack: Tensor, tile: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -124,16 +133,9 @@ def _whole_tile_candidates(
     tiles are the rows of one ``[rows * width / tile, tile]`` view, so hits are flat tile indices
     and candidates flat element indices (half the operations of the general case)."""
     rows, width = approx.shape
-    k = running.shape[1]
     tiles = approx.view(-1, tile)
     tile_min = tiles.amin(dim=1).view(rows, width // tile)
-    if k == 1:
-        running = torch.minimum(running, tile_min.amin(dim=1, keepdim=True))
-    else:
-        running = k_smallest(torch.cat([running, tile_min], dim=1), k)
-    # running is ascending: its last column is the k-th bound. Finite, so that masked entries
-    # (+inf: a point's own index) are never candidates.
-    threshold = (running[:, -1] + slack).clamp_max_(torch.finfo(approx.dtype).max)
+    running, threshold = _running_bounds(running, tile_min, slack)
     hits = (tile_min <= threshold[:, None]).view(-1).nonzero().view(-1)
     values = tiles.index_select(0, hits)  # [H, tile]
     hit_rows = torch.div(hits, width // tile, rounding_mode="floor")
