@@ -20,7 +20,8 @@ Modes:
 * ``evaluate="all"``: every surviving candidate is re-checked (cheap exact step: a difference);
 * ``evaluate="by_lower_bound"``: branch and bound, for expensive exact steps (an SVD, an
   assignment): candidates are evaluated in increasing lower bound, in doubling batches, until the
-  k-th exact distance is below the next lower bound.
+  k-th exact distance is below the next lower bound (not with ``symmetric``: a row's candidates
+  must arrive by increasing column).
 * ``symmetric=True``: rows and columns are the same set and ``block(I, J)`` is symmetric, so only
   blocks ``J >= I`` are formed and each serves the rows of ``I`` and, read by columns, those of
   ``J`` (half the products).
@@ -115,8 +116,10 @@ def blocked_search(
     Returns:
         The :class:`TopK` ``[n_rows, k]`` of exact distances and column indices.
     """
-    best = TopK(n_rows, k, dtype, device, distinct=distinct)
     bounded = evaluate == "by_lower_bound"
+    if bounded and symmetric:
+        raise ValueError("evaluate='by_lower_bound' needs symmetric=False (module docstring)")
+    best = TopK(n_rows, k, dtype, device, distinct=distinct)
     cap_per_row = pending_per_row * (k if bounded else 1)
     row_blocks = list(row_blocks)
     running: Tensor | None = None  # [hi - lo, k] running bounds of the pending span's rows
@@ -208,11 +211,11 @@ def _branch_and_bound(
     rows = hi - lo
     device = r.device
     k = best.dists.shape[1]
-    # Sort by (row, lower bound, column).
-    order = torch.argsort(c, stable=True)
-    order = order[torch.argsort(lb[order], stable=True)]
-    order = order[torch.argsort(r[order], stable=True)]
-    r, c, lb = r[order], c[order], lb[order]
+    # Sort by (row, lower bound, column): each row's candidates arrive by increasing column (the
+    # blocks' columns increase and a block's candidates are row-major), so two stable sorts do.
+    order = torch.argsort(lb, stable=True)
+    order = order.index_select(0, torch.argsort(r.index_select(0, order), stable=True))
+    r, c, lb = r.index_select(0, order), c.index_select(0, order), lb.index_select(0, order)
     counts = torch.bincount(r, minlength=rows)
     starts = torch.cumsum(counts, dim=0) - counts
     rank = torch.arange(r.numel(), device=device) - starts[r]
@@ -222,8 +225,9 @@ def _branch_and_bound(
     while bool(active.any()):
         lo_rank = done_upto[r]
         sel = active[r] & (rank >= lo_rank) & (rank < lo_rank + batch)
-        idx = sel.nonzero(as_tuple=True)[0]
-        best.push(r[idx] + lo, exact(r[idx] + lo, c[idx]), c[idx], span=(lo, hi))
+        idx = sel.nonzero().squeeze(1)
+        rows_at, cols_at = r.index_select(0, idx) + lo, c.index_select(0, idx)
+        best.push(rows_at, exact(rows_at, cols_at), cols_at, span=(lo, hi))
         done_upto = torch.where(active, done_upto + batch, done_upto).minimum(counts)
         remaining = done_upto < counts
         next_lb = torch.full((rows,), float("inf"), dtype=torch.float64, device=device)

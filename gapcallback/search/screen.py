@@ -201,8 +201,12 @@ def surviving(pending: list[Candidates], bound: Tensor, first_row: int = 0) -> C
 
     ``bound`` ``[R]`` covers the rows ``first_row, ..., first_row + R - 1`` the candidates lie in.
     """
-    rows = torch.cat([c[0] for c in pending])
-    cols = torch.cat([c[1] for c in pending])
-    keys = torch.cat([c[2] for c in pending])
-    keep = keys <= bound[rows - first_row]
-    return rows[keep], cols[keep], keys[keep]
+    if len(pending) == 1:
+        rows, cols, keys = pending[0]
+    else:
+        rows = torch.cat([c[0] for c in pending])
+        cols = torch.cat([c[1] for c in pending])
+        keys = torch.cat([c[2] for c in pending])
+    local = rows - first_row if first_row else rows
+    keep = (keys <= bound.index_select(0, local)).nonzero().squeeze(1)
+    return rows.index_select(0, keep), cols.index_select(0, keep), keys.index_select(0, keep)
