@@ -5,10 +5,14 @@ Usage::
     git worktree add /tmp/gc_before <commit>      # the tree before the change
     python benchmarks/bench_before_after.py --before /tmp/gc_before --after .
 
-Each round runs the whole suite once in a fresh process per tree, alternating (before, after,
-before, ...), so both trees see the same machine load; inside a process every case is warmed up
-once and timed ``--repeats`` times (median). The table reports medians over rounds and the median
-of the per-round ratios after / before. Where a case spends time in ``torch.linalg.svdvals``
+Each round runs every case in a fresh process per tree, the two trees back to back (before
+first in even rounds, after first in odd ones), so a pair sees the same machine load seconds apart
+and no case inherits another's process state (``--pairing suite`` runs the whole suite in one
+process per tree instead, as earlier runs did; a shared 2-core machine drifts by 20-30% over its
+minutes, which that pairing puts between the trees). Inside a process the case is warmed up once
+and timed ``--repeats`` times, or more (up to 50) until the timings add up to about 0.5 s
+(median). The table reports medians over rounds and the median of
+the per-round ratios after / before (the JSON also has their range). Where a case spends time in ``torch.linalg.svdvals``
 (RigidMotions' screen: LAPACK on a million 3 x 3 matrices, one thread, code neither tree owns, whose
 time is bimodal across processes), the table also gives the time outside that call, which is the
 part a change to gapcallback can move. Only public API is used (``F.knn``,
@@ -86,6 +90,9 @@ cases = {
     "RigidMotions [32,3]": lambda: F.knn(cl_q, cl_x, 1, symmetry=RigidMotions()),
     "Permutations [8,2]": lambda: F.knn(set_q, set_x, 1, symmetry=Permutations()),
 }
+if only == {"?"}:
+    print(json.dumps({"names": list(cases)}))
+    sys.exit()
 in_svd = [0.0]
 svdvals = torch.linalg.svdvals
 def timed_svdvals(*args, **kwargs):
@@ -96,9 +103,9 @@ out, outside_svd = {}, {}
 for name, fn in cases.items():
     if only and name not in only:
         continue
-    fn()
+    t = time.perf_counter(); fn(); warm = time.perf_counter() - t
     times, outside = [], []
-    for _ in range(repeats):
+    for _ in range(max(repeats, min(50, int(0.5 / max(warm, 1e-6))))):  # >= 0.5 s of timing
         in_svd[0] = 0.0
         t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
         outside.append(times[-1] - in_svd[0])
@@ -128,14 +135,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="", help="semicolon-separated case names")
+    parser.add_argument("--pairing", choices=("case", "suite"), default="case")
     args = parser.parse_args()
+    trees = {"before": args.before, "after": args.after}
+    names = run_tree(args.after, 1, "?", args.threads)["names"]
+    if args.only:
+        names = [name for name in names if name in args.only.split(";")]
+    groups = [names] if args.pairing == "suite" else [[name] for name in names]
     runs: dict[str, list[dict[str, dict[str, float]]]] = {"before": [], "after": []}
     for r in range(args.rounds):
-        for label in ("before", "after") if r % 2 == 0 else ("after", "before"):
-            tree = args.before if label == "before" else args.after
-            runs[label].append(run_tree(tree, args.repeats, args.only, args.threads))
-            print(f"round {r + 1} {label} done", file=sys.stderr)
-    names = list(runs["after"][0]["total"])
+        for label in trees:
+            runs[label].append({"total": {}, "outside_svd": {}})
+        for g, group in enumerate(groups):
+            for label in ("before", "after") if (r + g) % 2 == 0 else ("after", "before"):
+                got = run_tree(trees[label], args.repeats, ";".join(group), args.threads)
+                for part in ("total", "outside_svd"):
+                    runs[label][-1][part].update(got[part])
+        print(f"round {r + 1} done", file=sys.stderr)
     rows = []
     for name in names:
         row = {"case": name}
@@ -146,9 +162,9 @@ def main() -> None:
             after = [run[part][name] for run in runs["after"]]
             row[f"before{key}_s"] = statistics.median(before)
             row[f"after{key}_s"] = statistics.median(after)
-            row[f"after_over_before{key}"] = statistics.median(
-                a / b for a, b in zip(after, before, strict=True)
-            )
+            ratios = [a / b for a, b in zip(after, before, strict=True)]
+            row[f"after_over_before{key}"] = statistics.median(ratios)
+            row[f"ratio_range{key}"] = [min(ratios), max(ratios)]
         rows.append(row)
     cpu = platform.processor() or platform.machine()
     try:
@@ -162,6 +178,7 @@ def main() -> None:
         "cpu": cpu,
         "threads": args.threads,
         "rounds": args.rounds,
+        "pairing": args.pairing,
         "repeats": args.repeats,
         "before": str(args.before),
         "after": str(args.after),
@@ -169,18 +186,21 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "before_after.json").write_text(json.dumps(result, indent=2))
-    print(f"{cpu}, {args.threads} threads, {args.rounds} alternating rounds x {args.repeats}\n")
-    print("| shape | before (s) | after (s) | after / before |\n|---|---:|---:|---:|")
+    print(
+        f"{cpu}, {args.threads} threads, {args.rounds} alternating rounds x {args.repeats}, "
+        f"paired by {args.pairing}\n"
+    )
+    print("| shape | before (s) | after (s) | after / before | per-round range |")
+    print("|---|---:|---:|---:|---:|")
     for r in rows:
-        flag = " **slower**" if r["after_over_before"] > 1.05 else ""
-        print(
-            f"| {r['case']} | {r['before_s']:.4f} | {r['after_s']:.4f} | "
-            f"{r['after_over_before']:.2f}x{flag} |"
-        )
-        if "after_over_before_outside_svd" in r:
+        for label, key in ((r["case"], ""), (f"{r['case']} outside `svdvals`", "_outside_svd")):
+            if f"after_over_before{key}" not in r:
+                continue
+            ratio, (low, high) = r[f"after_over_before{key}"], r[f"ratio_range{key}"]
+            flag = " **slower**" if ratio > 1.05 else ""
             print(
-                f"| {r['case']} outside `svdvals` | {r['before_outside_svd_s']:.4f} | "
-                f"{r['after_outside_svd_s']:.4f} | {r['after_over_before_outside_svd']:.2f}x |"
+                f"| {label} | {r[f'before{key}_s']:.4f} | {r[f'after{key}_s']:.4f} | "
+                f"{ratio:.2f}x{flag} | {low:.2f}-{high:.2f}x |"
             )
 
 
