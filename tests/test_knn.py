@@ -272,3 +272,24 @@ def test_backend_and_block_size_options_are_checked():
     want = knn(flat, flat, 3, exclude_self=True, backend="gemm")
     got = knn(flat, flat, 3, exclude_self=True, backend="kdtree")
     assert torch.equal(want.indices, got.indices) and torch.equal(want.sq_dists, got.sq_dists)
+
+
+def test_default_blocks_follow_the_points_dimension() -> None:
+    """Up to D = 64 the plain search takes the narrow blocks (its block stays in cache), above it
+    the wide ones; image-shaped points count their flattened dimension."""
+    from gapcallback.search import (
+        DEFAULT_POINT_BLOCK,
+        DEFAULT_QUERY_BLOCK,
+        NARROW_BLOCKS,
+        NARROW_BLOCKS_UP_TO_DIM,
+        default_blocks,
+    )
+
+    assert default_blocks(3) == NARROW_BLOCKS
+    assert default_blocks(NARROW_BLOCKS_UP_TO_DIM) == NARROW_BLOCKS
+    assert default_blocks(NARROW_BLOCKS_UP_TO_DIM + 1) == (DEFAULT_QUERY_BLOCK, DEFAULT_POINT_BLOCK)
+    g = torch.Generator().manual_seed(0)
+    images, pool = torch.randn(300, 1, 8, 8, generator=g), torch.randn(3000, 1, 8, 8, generator=g)
+    flat = knn(images.flatten(1), pool.flatten(1), 2, backend="gemm", block_size=NARROW_BLOCKS)
+    got = knn(images, pool, 2, backend="gemm")
+    assert torch.equal(got.indices, flat.indices) and torch.equal(got.sq_dists, flat.sq_dists)

@@ -11,12 +11,13 @@ the time.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from gapcallback.search.gemm import DEFAULT_POINT_BLOCK, DEFAULT_QUERY_BLOCK, gemm_knn
+from gapcallback.search.gemm import default_blocks, gemm_knn
 from gapcallback.search.kdtree import (
     kdtree_knn,
     needs_intrinsic_probe,
@@ -93,7 +94,7 @@ def exact_search(
         check_finite(queries, names[0])
         check_finite(points, names[1])
         return KNNResult(*kdtree_knn(queries, points, k, exclude_self=exclude_self))
-    query_block, point_block = block_size or (DEFAULT_QUERY_BLOCK, DEFAULT_POINT_BLOCK)
+    query_block, point_block = block_size or default_blocks(math.prod(points.shape[1:]))
     return KNNResult(
         *gemm_knn(queries, points, k, exclude_self, query_block, point_block, names=names)
     )

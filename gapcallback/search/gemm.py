@@ -51,10 +51,13 @@ from gapcallback.utils.precision import full_precision
 __all__ = [
     "DEFAULT_POINT_BLOCK",
     "DEFAULT_QUERY_BLOCK",
+    "NARROW_BLOCKS",
+    "NARROW_BLOCKS_UP_TO_DIM",
     "CentredRows",
     "GemmOperands",
     "GemmProduct",
     "centred_squared_norms",
+    "default_blocks",
     "gemm_knn",
     "gemm_operands",
     "same_tensor",
@@ -62,10 +65,25 @@ __all__ = [
 
 DEFAULT_QUERY_BLOCK = 2048
 DEFAULT_POINT_BLOCK = 4096
-"""Rows per block of the plain search (a 32 MB float32 block). Wide point blocks leave fewer
-column blocks per row block, so fewer running bounds are still loose when a block is screened
-(at N = M = 8000, D = 784 the whole search went from 1.16-1.2x to 1.14x the bare blocked GEMM of
-its blocks, whose own speed barely depends on them; ``benchmarks/gemm_floor.py``)."""
+"""Rows per block of the plain search above :data:`NARROW_BLOCKS_UP_TO_DIM` (a 32 MB float32
+block). Wide point blocks leave fewer column blocks per row block, so fewer running bounds are
+still loose when a block is screened (at N = M = 8000, D = 784 the whole search went from
+1.16-1.2x to 1.14x the bare blocked GEMM of its blocks, whose own speed barely depends on them;
+``benchmarks/gemm_floor.py``)."""
+
+NARROW_BLOCKS = (1024, 2048)
+NARROW_BLOCKS_UP_TO_DIM = 64
+"""Up to this dimension the plain search uses :data:`NARROW_BLOCKS` (an 8 MB block): there the
+product is cheap beside writing and reading its block, which a smaller block keeps in cache
+(N = M = 20000, D = 64: 0.85x the time of 2048 x 4096 blocks; D = 32: 0.95x; from D = 96 the wide
+blocks are faster: 0.96x at D = 96, 0.89x at D = 256; medians of 7 alternating runs)."""
+
+
+def default_blocks(dim: int) -> tuple[int, int]:
+    """``(query_block, point_block)`` of the plain search of ``dim``-dimensional points."""
+    if dim <= NARROW_BLOCKS_UP_TO_DIM:
+        return NARROW_BLOCKS
+    return DEFAULT_QUERY_BLOCK, DEFAULT_POINT_BLOCK
 
 
 class CentredRows:
