@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gapcallback.search import RowBlock, blocked_search
+from tests.topk_oracle import topk_oracle
 
 
 class KnownBounds:
@@ -31,16 +32,11 @@ class KnownBounds:
 
 
 def oracle(dist: torch.Tensor, k: int, exclude_diagonal: bool):
+    """Every pair of ``dist`` ``[n, m]`` as a flat candidate (but the diagonal, if excluded)."""
     n, m = dist.shape
-    out_d = torch.full((n, k), float("inf"), dtype=torch.float64)
-    out_i = torch.full((n, k), -1, dtype=torch.long)
-    for r in range(n):
-        pairs = sorted(
-            (float(dist[r, c]), c) for c in range(m) if not (exclude_diagonal and r == c)
-        )
-        for j, (d, c) in enumerate(pairs[:k]):
-            out_d[r, j], out_i[r, j] = d, c
-    return out_d, out_i
+    pairs = [(r, c) for r in range(n) for c in range(m) if not (exclude_diagonal and r == c)]
+    rows, cols = [r for r, _ in pairs], [c for _, c in pairs]
+    return topk_oracle(n, k, rows, [float(dist[r, c]) for r, c in pairs], cols)
 
 
 @st.composite

@@ -10,17 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gapcallback.search import TopK
-
-
-def oracle(n_rows: int, k: int, rows: list[int], dists: list[float], cols: list[int]):
-    """Per row, the k smallest (distance, column) pairs, padded with (inf, -1)."""
-    out_d = torch.full((n_rows, k), float("inf"), dtype=torch.float64)
-    out_i = torch.full((n_rows, k), -1, dtype=torch.long)
-    for r in range(n_rows):
-        pairs = sorted((d, c) for rr, d, c in zip(rows, dists, cols, strict=True) if rr == r)
-        for j, (d, c) in enumerate(pairs[:k]):
-            out_d[r, j], out_i[r, j] = d, c
-    return out_d, out_i
+from tests.topk_oracle import topk_oracle
 
 
 @st.composite
@@ -54,7 +44,7 @@ def test_topk_keeps_the_k_smallest_pairs_whatever_the_chunks(case) -> None:
             torch.tensor(dists[a:b], dtype=torch.float64),
             torch.tensor(cols[a:b], dtype=torch.long),
         )
-    want_d, want_i = oracle(n_rows, k, rows, dists, cols)
+    want_d, want_i = topk_oracle(n_rows, k, rows, dists, cols)
     assert torch.equal(best.dists, want_d), (best.dists, want_d)
     assert torch.equal(best.indices, want_i), (best.indices, want_i)
 
