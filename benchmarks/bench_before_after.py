@@ -11,11 +11,11 @@ and no case inherits another's process state (``--pairing suite`` runs the whole
 process per tree instead, as earlier runs did; a shared 2-core machine drifts by 20-30% over its
 minutes, which that pairing puts between the trees). Inside a process the case is warmed up once
 and timed ``--repeats`` times, or more (up to 50) until the timings add up to about 0.5 s
-(median). The table reports medians over rounds and the median of
-the per-round ratios after / before (the JSON also has their range). Where a case spends time in ``torch.linalg.svdvals``
-(RigidMotions' screen: LAPACK on a million 3 x 3 matrices, one thread, code neither tree owns, whose
-time is bimodal across processes), the table also gives the time outside that call, which is the
-part a change to gapcallback can move. Only public API is used (``F.knn``,
+(median). The table reports medians over rounds and the median of the per-round ratios
+after / before, with their range. Where a case spends time in ``torch.linalg.svdvals``
+(RigidMotions' screen: LAPACK on a million 3 x 3 matrices, one thread, code neither tree owns,
+1.7-2.9 s across runs and processes), the table also gives the time outside that call, which is
+the part a change to gapcallback can move. Only public API is used (``F.knn``,
 ``F.representation_gap``, ``F.memorization``, ``F.intrinsic_dimension``, ``GapLaw.fit``, the
 symmetry classes), so any two versions of the package can be compared.
 

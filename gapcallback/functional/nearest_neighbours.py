@@ -77,9 +77,9 @@ def knn(
         block_size: ``(query_block, point_block)`` rows per block of the GEMM backend; peak
             extra memory is about ``4 * query_block * point_block`` bytes (one float32 block)
             plus a float32 copy of ``points``. Default ``(2048, 4096)`` (a 32 MB block) above
-            D = 64 and ``(1024, 2048)`` (8 MB; about 22 MB in all at N = M = 30000, D = 64) up to it
-            (:func:`gapcallback.search.default_blocks`). Not with ``symmetry=`` (each group sizes its
-            blocks by a memory budget) nor ``backend="kdtree"``.
+            D = 64 and ``(1024, 2048)`` (8 MB; about 22 MB in all at N = M = 30000, D = 64) up
+            to it (:func:`gapcallback.search.default_blocks`). Not with ``symmetry=`` (each
+            group sizes its blocks by a memory budget) nor ``backend="kdtree"``.
         backend: ``"auto"`` (default: scipy's KD-tree on CPU in low dimension, where a measured
             cost model says it is faster; the blocked GEMM screen otherwise), ``"gemm"`` or
             ``"kdtree"`` (CPU only). Every backend returns the same values bit for bit; the choice
