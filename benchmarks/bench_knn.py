@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from gapcallback.functional import knn, representation_gap
-from gapcallback.search import DEFAULT_POINT_BLOCK, DEFAULT_QUERY_BLOCK
+from gapcallback.search import default_blocks
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -56,10 +56,12 @@ def cdist_knn(q: torch.Tensor, x: torch.Tensor) -> np.ndarray:
 def gemm_alone(
     q: torch.Tensor,
     x: torch.Tensor,
-    block: tuple[int, int] = (DEFAULT_QUERY_BLOCK, DEFAULT_POINT_BLOCK),
+    block: tuple[int, int] | None = None,
 ) -> None:
     """The floor of any exact GEMM-based search: the blocked product ``F.knn`` runs (augmented
-    ``K = D + 1`` operands, default blocks, one reused buffer), with no screening or re-check."""
+    ``K = D + 1`` operands, its default blocks for ``D``, one reused buffer), with no screening
+    or re-check."""
+    block = block or default_blocks(q.shape[1])
     q_aug = torch.cat([q, torch.ones(q.shape[0], 1)], dim=1)
     x_aug = torch.cat([x, x.square().sum(1, keepdim=True)], dim=1)
     buffer = torch.empty(block[0] * block[1])

@@ -11,13 +11,12 @@ the time.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from gapcallback.search.gemm import default_blocks, gemm_knn
+from gapcallback.search.gemm import gemm_knn
 from gapcallback.search.kdtree import (
     kdtree_knn,
     needs_intrinsic_probe,
@@ -94,7 +93,7 @@ def exact_search(
         check_finite(queries, names[0])
         check_finite(points, names[1])
         return KNNResult(*kdtree_knn(queries, points, k, exclude_self=exclude_self))
-    query_block, point_block = block_size or default_blocks(math.prod(points.shape[1:]))
+    query_block, point_block = block_size or (None, None)  # None: gemm_knn's default_blocks
     return KNNResult(
         *gemm_knn(queries, points, k, exclude_self, query_block, point_block, names=names)
     )

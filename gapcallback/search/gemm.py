@@ -270,8 +270,8 @@ def gemm_knn(
     points: Tensor,
     k: int,
     exclude_self: bool = False,
-    query_block: int = DEFAULT_QUERY_BLOCK,
-    point_block: int = DEFAULT_POINT_BLOCK,
+    query_block: int | None = None,
+    point_block: int | None = None,
     *,
     names: tuple[str, str] = ("queries", "points"),
 ) -> tuple[Tensor, Tensor]:
@@ -282,7 +282,7 @@ def gemm_knn(
         k: neighbours, ``<= M`` (``M - 1`` with ``exclude_self``).
         exclude_self: leave-one-out of a set within itself (same ``N``); when ``queries`` is
             ``points``, each product block serves both directions.
-        query_block, point_block: rows per block.
+        query_block, point_block: rows per block (default: :func:`default_blocks` of ``D``).
         names: the user's names of the two sets, for a non-finite input's error.
 
     Returns:
@@ -297,6 +297,9 @@ def gemm_knn(
     exact = exact_dtype(points.device, dtype)
     n, dim = queries.shape
     m = points.shape[0]
+    default_query_block, default_point_block = default_blocks(dim)
+    query_block = query_block or default_query_block
+    point_block = point_block or default_point_block
     with full_precision(points.device.type):
         q = queries.to(dtype)
         x = points.to(dtype)
