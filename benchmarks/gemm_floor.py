@@ -11,12 +11,17 @@ re-check. This script times, alternately in one process and on the same threads:
 
 * ``faiss``: the whole ``IndexFlatL2`` build + search (k=1), the target of issue 2;
 * ``F.knn``: our whole exact search;
-* ``torch GEMM``: the blocked product ``F.knn`` runs, alone (no screening, no re-check);
+* ``torch GEMM``: the blocked product ``F.knn`` runs, alone (no screening, no re-check), on
+  operands and an output buffer from ``torch.empty`` (4 KiB pages);
+* ``torch GEMM, huge pages``: the same on buffers from ``gapcallback.utils.memory.empty_buffer``
+  (transparent huge pages, where ``F.knn`` keeps its operands and product block). The floor of a
+  round is the faster of the two;
 * ``OpenBLAS GEMM``: the same blocked product through numpy's bundled OpenBLAS, alone;
-* ``int8 GEMM``: torch's dynamically quantized int8 linear (fbgemm), the only faster-than-fp32
-  CPU product this AVX2 machine offers torch. An exact search screened with it must keep every
-  pair within ``4 (||e_q|| ||x|| + ||q|| ||e_x||)`` (twice the rounding bound of one entry, ``e``
-  the quantization errors) of the best, and re-check them all: the script counts them.
+* ``int8 GEMM``: torch's dynamically quantized int8 linear (fbgemm). An exact search screened
+  with it must keep every pair within ``4 (||e_q|| ||x|| + ||q|| ||e_x||)`` (twice the rounding
+  bound of one entry, ``e`` the quantization errors) of the best, and re-check them all: the
+  script counts them. (torch's bf16 GEMM is faster still on a CPU with AMX, but returns bf16
+  values: every screened entry rounded to 8 bits, no tighter screen.)
 
 Writes ``benchmarks/results/gemm_floor.json`` and prints a markdown table.
 """
@@ -36,6 +41,7 @@ import torch
 
 from gapcallback.functional import knn
 from gapcallback.search import DEFAULT_POINT_BLOCK, DEFAULT_QUERY_BLOCK
+from gapcallback.utils.memory import empty_buffer
 
 RESULTS = Path(__file__).parent / "results"
 QUERY_BLOCK, POINT_BLOCK = DEFAULT_QUERY_BLOCK, DEFAULT_POINT_BLOCK  # F.knn's default blocks
@@ -64,6 +70,10 @@ def main() -> None:
     x_aug = torch.cat([-2 * x, x.square().sum(1, keepdim=True)], dim=1)
     qn, xn = q_aug.numpy(), x_aug.numpy()
     t_out = torch.empty(QUERY_BLOCK * POINT_BLOCK)
+    # The same operands and output in buffers from empty_buffer (huge pages, where F.knn keeps
+    # its operands and block): the faster of the two bare GEMMs is the floor.
+    q_huge, x_huge = (empty_buffer(a.shape, a.dtype, a.device).copy_(a) for a in (q_aug, x_aug))
+    t_out_huge = empty_buffer(t_out.shape, t_out.dtype, t_out.device)
     n_out = np.empty(QUERY_BLOCK * POINT_BLOCK, dtype=np.float32)
 
     def faiss_search() -> None:
@@ -75,6 +85,9 @@ def main() -> None:
         "faiss IndexFlatL2": faiss_search,
         "F.knn": lambda: knn(q, x, 1),
         "torch GEMM": lambda: blocked(lambda a, b, o: torch.mm(a, b.T, out=o), q_aug, x_aug, t_out),
+        "torch GEMM, huge pages": lambda: blocked(
+            lambda a, b, o: torch.mm(a, b.T, out=o), q_huge, x_huge, t_out_huge
+        ),
         "OpenBLAS GEMM": lambda: blocked(lambda a, b, o: np.matmul(a, b.T, out=o), qn, xn, n_out),
     }
     int8_note = None
@@ -121,7 +134,14 @@ def main() -> None:
         },
         "int8_screen": int8_note,
         # Issue 13's target: the whole exact search over the bare blocked product it runs.
+        # The floor of each round: the faster of the two bare torch GEMMs.
         "knn_over_torch_gemm": statistics.median(
+            a / min(b, c)
+            for a, b, c in zip(
+                times["F.knn"], times["torch GEMM"], times["torch GEMM, huge pages"], strict=True
+            )
+        ),
+        "knn_over_torch_gemm_4k_pages": statistics.median(
             a / b for a, b in zip(times["F.knn"], times["torch GEMM"], strict=True)
         ),
     }
@@ -132,8 +152,9 @@ def main() -> None:
     for k in methods:
         print(f"| {k} | {result['median_s'][k]:.3f} | {result['ratio_to_faiss'][k]:.2f}x |")
     print(
-        f"\nF.knn / torch GEMM (median of per-run ratios): {result['knn_over_torch_gemm']:.3f}x "
-        "(issue 13 target: <= 1.15x)"
+        "\nF.knn / the faster bare torch GEMM (median of per-run ratios): "
+        f"{result['knn_over_torch_gemm']:.3f}x (issue 13 target: <= 1.15x); over the GEMM on "
+        f"4 KiB pages alone: {result['knn_over_torch_gemm_4k_pages']:.3f}x"
     )
     if int8_note:
         print(

@@ -67,6 +67,7 @@ from gapcallback.utils.checks import (
     check_same_features,
     compute_dtype,
 )
+from gapcallback.utils.memory import empty_buffer
 from gapcallback.utils.precision import full_precision
 
 __all__ = [
@@ -240,7 +241,7 @@ def ball_counts(
                 on_sphere[unsure] = (d == radius) & (radius > 0)
             return inside, on_sphere
 
-        buffer = torch.empty(min(q_block, n) * min(c_block, m), dtype=screen, device=device)
+        buffer = empty_buffer((min(q_block, n) * min(c_block, m),), screen, device)
         for qs in range(0, n, q_block):
             qe = min(qs + q_block, n)
             rows = ops.queries.rows(qs, qe)

@@ -46,6 +46,7 @@ from gapcallback.search.ranges import (
 )
 from gapcallback.search.recheck import direct_sq_dists
 from gapcallback.utils.checks import check_finite, compute_dtype
+from gapcallback.utils.memory import empty_buffer
 from gapcallback.utils.precision import full_precision
 
 __all__ = [
@@ -106,8 +107,8 @@ class CentredRows:
     ) -> None:
         self.q, self.centre, self.norms = q, centre, norms
         n, dim = q.shape
-        self.buffer = torch.empty(
-            min(max_rows, n), dim + (1 if norms is None else 2), dtype=dtype, device=q.device
+        self.buffer = empty_buffer(
+            (min(max_rows, n), dim + (1 if norms is None else 2)), dtype, q.device
         )
         self.buffer[:, dim] = 1.0
 
@@ -160,7 +161,7 @@ def gemm_operands(
     by 4)."""
     dim = q.shape[1]
     extra = 2 if symmetric else 1
-    x_aug = torch.empty(x.shape[0], dim + extra, dtype=dtype, device=x.device)
+    x_aug = empty_buffer((x.shape[0], dim + extra), dtype, x.device)
     x_norms = torch.empty(x.shape[0], dtype=dtype, device=x.device)
     two_c = centre * 2.0
     for s, e in _row_chunks(x):  # each chunk's norms while it is in cache
@@ -223,9 +224,7 @@ class GemmProduct:
     def __init__(self, operands: GemmOperands, slack: Tensor, buffer_size: int) -> None:
         self.operands = operands
         self.slack = slack
-        self.buffer = torch.empty(
-            buffer_size, dtype=operands.points.dtype, device=operands.points.device
-        )
+        self.buffer = empty_buffer((buffer_size,), operands.points.dtype, operands.points.device)
 
     def rows(self, start: int, end: int) -> RowBlock:
         return RowBlock(self.operands.queries.rows(start, end), self.slack[start:end])

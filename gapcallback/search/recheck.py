@@ -31,21 +31,27 @@ def direct_sq_dists(
     n_pairs, dim = q_idx.shape[0], q.shape[1]
     out = torch.empty(n_pairs, dtype=exact_dtype, device=q.device)
     chunk = max(1, RECHECK_ELEMENTS // max(1, dim))
-    # One reused [chunk, D] buffer (fresh ones cost a page fault per 4 KiB); rows are gathered
-    # with index_select: 2.3x faster than advanced indexing on torch 2.13 CPU.
-    work = torch.empty(min(chunk, n_pairs), dim, dtype=exact_dtype, device=q.device)
+    rows = min(chunk, n_pairs)
+    # Reused [chunk, D] buffers (fresh ones cost a page fault per 4 KiB); rows are gathered with
+    # index_select into them: 2.3x faster than advanced indexing on torch 2.13 CPU, and 1.5x
+    # faster than into a fresh tensor.
+    diff = torch.empty(rows, dim, dtype=exact_dtype, device=q.device)
     widen = q.dtype != exact_dtype
+    if widen:  # the gathered rows, and the points' rows widened (mixed-dtype subtraction is slow)
+        gathered = torch.empty(rows, dim, dtype=q.dtype, device=q.device)
+        wide = torch.empty(rows, dim, dtype=exact_dtype, device=q.device)
     for s in range(0, n_pairs, chunk):
         e = min(s + chunk, n_pairs)
-        diff = work[: e - s]
-        if widen:  # x's values convert exactly inside the subtraction
-            diff.copy_(q.index_select(0, q_idx[s:e]))
-        else:
-            torch.index_select(q, 0, q_idx[s:e], out=diff)
-        diff.sub_(x.index_select(0, x_idx[s:e]))
-        if widen:
-            torch.sum(diff.square_(), dim=1, out=out[s:e])
+        d = diff[: e - s]
+        if widen:  # float32 values widen exactly
+            g = gathered[: e - s]
+            d.copy_(torch.index_select(q, 0, q_idx[s:e], out=g))
+            w = wide[: e - s]
+            w.copy_(torch.index_select(x, 0, x_idx[s:e], out=g))
+            torch.sum(d.sub_(w).square_(), dim=1, out=out[s:e])
         else:  # no wider dtype: the squares can underflow
-            torch.sum(diff.square(), dim=1, out=out[s:e])
-            check_underflow(out[s:e], diff)
+            torch.index_select(q, 0, q_idx[s:e], out=d)
+            d.sub_(x.index_select(0, x_idx[s:e]))
+            torch.sum(d.square(), dim=1, out=out[s:e])
+            check_underflow(out[s:e], d)
     return out

@@ -63,6 +63,7 @@ from gapcallback.search import (
     screen_exponent,
 )
 from gapcallback.utils.checks import compute_dtype
+from gapcallback.utils.memory import empty_buffer
 from gapcallback.utils.precision import full_precision
 
 #: At most ``2^MAX_INVOLUTIONS`` eigenspaces (thin GEMMs get inefficient, the combination grows).
@@ -268,7 +269,7 @@ class _SplitProduct:
         self.q, self.centre, self.exponent = q, centre, exponent
         self.split, self.weights, self.x_ops = split, weights, x_ops
         self.x_norm_max, self.slack_factor, self.screen = x_norm_max, slack_factor, screen
-        self.buffer = torch.empty(buffer_size, dtype=screen, device=q.device)
+        self.buffer = empty_buffer((buffer_size,), screen, q.device)
 
     def rows(self, start: int, end: int) -> RowBlock:
         n = self.q.shape[0]
