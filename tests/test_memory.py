@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gapcallback.functional import knn
-from gapcallback.utils.memory import BUFFER_ALIGNMENT, HUGE_PAGE_THRESHOLD, empty_buffer
+from gapcallback.utils.memory import BUFFER_ALIGNMENT, HUGE_PAGE_FROM_BYTES, empty_buffer
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64]
 
@@ -30,7 +30,7 @@ def test_small_buffers_are_what_torch_empty_gives(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1025, 1027), (HUGE_PAGE_THRESHOLD // 2 + 3,), (3, 700, 701)])
+@pytest.mark.parametrize("shape", [(4097, 4099), (HUGE_PAGE_FROM_BYTES // 2 + 3,), (3, 2400, 2401)])
 def test_large_buffers_are_contiguous_aligned_writable_and_independent(shape, dtype):
     first = empty_buffer(shape, dtype, "cpu")
     second = empty_buffer(shape, dtype, "cpu")
@@ -39,7 +39,7 @@ def test_large_buffers_are_contiguous_aligned_writable_and_independent(shape, dt
         assert out.dtype == dtype
         assert out.is_contiguous()
         assert out.data_ptr() % BUFFER_ALIGNMENT == 0
-        assert out.numel() * out.element_size() >= HUGE_PAGE_THRESHOLD // 2
+        assert out.numel() * out.element_size() >= HUGE_PAGE_FROM_BYTES  # numpy's path
     first.fill_(1)
     second.fill_(2)
     assert bool((first == 1).all()) and bool((second == 2).all())
@@ -50,20 +50,20 @@ def test_large_buffers_are_contiguous_aligned_writable_and_independent(shape, dt
 
 
 def test_a_large_buffer_keeps_its_memory_while_the_tensor_lives():
-    out = empty_buffer((HUGE_PAGE_THRESHOLD,), torch.float32, "cpu")
+    out = empty_buffer((HUGE_PAGE_FROM_BYTES,), torch.float32, "cpu")
     out.fill_(7.0)
     gc.collect()
-    empty_buffer((HUGE_PAGE_THRESHOLD,), torch.float32, "cpu").fill_(-1.0)  # reuses freed memory
+    empty_buffer((HUGE_PAGE_FROM_BYTES,), torch.float32, "cpu").fill_(-1.0)  # reuses freed memory
     assert bool((out == 7.0).all())
 
 
 def test_the_search_on_large_buffers_is_exact():
-    """At D = 784 the plain search takes its product block (1500 x 1800 float32) and point
-    operands (1800 x 785) from empty_buffer: neighbours and distances match float64 brute force
-    (ties by lower index, here made by duplicated points)."""
+    """At D = 784 the plain search takes its 2048 x 4096 float32 product block (32 MiB: numpy's
+    path) from empty_buffer: neighbours and distances match float64 brute force (ties by lower
+    index; duplicated points give exact zeros)."""
     g = torch.Generator().manual_seed(0)
-    queries = torch.randn(1500, 784, generator=g)
-    points = torch.cat([torch.randn(1700, 784, generator=g), queries[:100]])
+    queries = torch.randn(2048, 784, generator=g)
+    points = torch.cat([torch.randn(4000, 784, generator=g), queries[:100]])
     ours = knn(queries, points, 3)
     order = torch.sort(torch.cdist(queries.double(), points.double()), dim=1, stable=True)
     assert torch.equal(ours.indices, order.indices[:, :3])
