@@ -23,7 +23,11 @@ re-check. This script times, alternately in one process and on the same threads:
   script counts them. (torch's bf16 GEMM is faster still on a CPU with AMX, but returns bf16
   values: every screened entry rounded to 8 bits, no tighter screen.)
 
-Writes ``benchmarks/results/gemm_floor.json`` and prints a markdown table.
+Writes ``benchmarks/results/gemm_floor.json`` (with the environment: CPU, and threadpoolctl's
+OpenBLAS core types) and prints a markdown table. faiss-cpu 1.15.1 bundles OpenBLAS 0.3.15, which
+runs its generic ``Prescott`` kernels on CPUs it does not know (a Sapphire Rapids guest reporting
+"Intel(R) Xeon(R) Processor"); the script warns then, and ``OPENBLAS_CORETYPE=SkylakeX`` (the
+CPU's family) gives faiss its real speed.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from bench_kdtree import environment, print_environment
 
 from gapcallback.functional import knn
 from gapcallback.search import DEFAULT_POINT_BLOCK, DEFAULT_QUERY_BLOCK
@@ -114,6 +119,13 @@ def main() -> None:
     except (RuntimeError, AttributeError):
         pass
 
+    env = environment(torch.get_num_threads())
+    print_environment(env)
+    generic = [lib["owner"] for lib in env["blas"] if lib.get("architecture") == "Prescott"]
+    if generic:
+        print(
+            f"warning: {', '.join(generic)}'s OpenBLAS runs generic kernels: set OPENBLAS_CORETYPE\n"
+        )
     times: dict[str, list[float]] = {name: [] for name in methods}
     for fn in methods.values():  # warm-up
         fn()
@@ -125,6 +137,7 @@ def main() -> None:
     faiss_t = times["faiss IndexFlatL2"]
     result = {
         "shape": f"N=M={n}, D={dim}",
+        "environment": env,
         "threads": torch.get_num_threads(),
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "ratio_to_faiss": {
