@@ -134,6 +134,12 @@ def print_environment(env: dict[str, Any]) -> None:
             f"  {lib['owner']:>6}: {lib['internal_api']} {lib['version']} core={core} "
             f"threads={lib['num_threads']} layer={lib['threading_layer']} ({lib['filepath']})"
         )
+    generic = [lib["owner"] for lib in env["blas"] if lib.get("architecture") == "Prescott"]
+    if generic:  # OpenBLAS did not recognise the CPU: its timings would not be the peer's own
+        print(
+            f"warning: {', '.join(generic)}'s OpenBLAS runs its generic Prescott kernels: set "
+            "OPENBLAS_CORETYPE to the CPU's family (e.g. SkylakeX, Haswell, Zen)"
+        )
     print()
 
 

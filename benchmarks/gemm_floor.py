@@ -45,19 +45,20 @@ import torch
 from bench_kdtree import environment, print_environment
 
 from gapcallback.functional import knn
-from gapcallback.search import DEFAULT_POINT_BLOCK, DEFAULT_QUERY_BLOCK
+from gapcallback.search import default_blocks
 from gapcallback.utils.memory import empty_buffer
 
 RESULTS = Path(__file__).parent / "results"
-QUERY_BLOCK, POINT_BLOCK = DEFAULT_QUERY_BLOCK, DEFAULT_POINT_BLOCK  # F.knn's default blocks
 
 
 def blocked(product, a, b, out) -> None:
-    """``a @ b.T`` block by block into one reused buffer (what F.knn multiplies)."""
-    for s in range(0, a.shape[0], QUERY_BLOCK):
-        rows = a[s : s + QUERY_BLOCK]
-        for t in range(0, b.shape[0], POINT_BLOCK):
-            cols = b[t : t + POINT_BLOCK]
+    """``a @ b.T`` block by block into one reused buffer: what F.knn multiplies, with its
+    default blocks for ``a``'s dimension (``a`` and ``b`` carry one augmented column)."""
+    query_block, point_block = default_blocks(a.shape[1] - 1)
+    for s in range(0, a.shape[0], query_block):
+        rows = a[s : s + query_block]
+        for t in range(0, b.shape[0], point_block):
+            cols = b[t : t + point_block]
             product(rows, cols, out[: rows.shape[0] * cols.shape[0]].reshape(len(rows), len(cols)))
 
 
@@ -74,11 +75,12 @@ def main() -> None:
     q_aug = torch.cat([q, torch.ones(n, 1)], dim=1)
     x_aug = torch.cat([-2 * x, x.square().sum(1, keepdim=True)], dim=1)
     qn, xn = q_aug.numpy(), x_aug.numpy()
-    t_out = torch.empty(QUERY_BLOCK * POINT_BLOCK)
+    query_block, point_block = default_blocks(dim)  # F.knn's blocks at this dimension
+    t_out = torch.empty(query_block * point_block)
     # The output block from empty_buffer (huge pages, as F.knn's): the faster of the two bare
     # GEMMs is the floor.
     t_out_huge = empty_buffer(t_out.shape, t_out.dtype, t_out.device)
-    n_out = np.empty(QUERY_BLOCK * POINT_BLOCK, dtype=np.float32)
+    n_out = np.empty(query_block * point_block, dtype=np.float32)
 
     def faiss_search() -> None:
         index = faiss.IndexFlatL2(dim)
@@ -120,12 +122,7 @@ def main() -> None:
         pass
 
     env = environment(torch.get_num_threads())
-    print_environment(env)
-    generic = [lib["owner"] for lib in env["blas"] if lib.get("architecture") == "Prescott"]
-    if generic:
-        print(
-            f"warning: {', '.join(generic)}'s OpenBLAS runs generic kernels: set OPENBLAS_CORETYPE\n"
-        )
+    print_environment(env)  # warns when a library runs OpenBLAS's generic kernels
     times: dict[str, list[float]] = {name: [] for name in methods}
     for fn in methods.values():  # warm-up
         fn()
