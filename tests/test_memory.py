@@ -1,8 +1,9 @@
-"""utils.memory.empty_buffer: the search's large scratch buffers (huge pages through numpy)."""
+"""utils.memory: the search's large scratch buffers (huge pages through numpy; the reused block)."""
 
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -10,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gapcallback.functional import knn
-from gapcallback.utils.memory import BUFFER_ALIGNMENT, HUGE_PAGE_FROM_BYTES, empty_buffer
+from gapcallback.utils.memory import (
+    BUFFER_ALIGNMENT,
+    HUGE_PAGE_FROM_BYTES,
+    MAX_REUSED_BYTES,
+    empty_buffer,
+    idle_buffer_bytes,
+    release_buffers,
+    reused_buffer,
+)
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64]
 
@@ -77,3 +86,117 @@ def test_other_devices_get_torch_empty():
     out = empty_buffer((2048, 1024), torch.float32, torch.device("meta"))
     assert out.device.type == "meta"
     assert out.shape == (2048, 1024)
+
+
+LARGE = HUGE_PAGE_FROM_BYTES // 4  # float32 elements of a buffer reused_buffer keeps
+
+
+@pytest.fixture
+def no_idle_buffers():
+    release_buffers()
+    yield
+    release_buffers()
+
+
+def test_a_large_buffer_is_lent_again_to_the_next_request(no_idle_buffers):
+    with reused_buffer(LARGE + 1000, torch.float32, "cpu") as first:
+        assert first.shape == (LARGE + 1000,) and first.dtype == torch.float32
+        assert first.is_contiguous() and first.data_ptr() % BUFFER_ALIGNMENT == 0
+        first.fill_(5.0)
+        address = first.data_ptr()
+    assert idle_buffer_bytes() == (LARGE + 1000) * 4
+    with reused_buffer(LARGE, torch.float32, "cpu") as second:  # a view of the idle one
+        assert second.data_ptr() == address and second.shape == (LARGE,)
+        assert bool((second == 5.0).all())  # the same memory, not initialised
+        assert idle_buffer_bytes() == 0  # lent
+    with reused_buffer(LARGE // 2, torch.float64, "cpu") as other_dtype:  # LARGE * 4 bytes
+        assert other_dtype.dtype == torch.float64 and other_dtype.data_ptr() != address
+    assert idle_buffer_bytes() == (2 * LARGE + 1000) * 4  # one idle buffer per dtype
+
+
+def test_a_larger_request_replaces_the_idle_buffer_and_is_kept(no_idle_buffers):
+    with reused_buffer(LARGE, torch.float32, "cpu"):
+        pass
+    with reused_buffer(LARGE + 4096, torch.float32, "cpu") as large:
+        assert large.shape == (LARGE + 4096,)
+        large_address = large.data_ptr()
+    assert idle_buffer_bytes() == (LARGE + 4096) * 4  # the smaller one is freed, not kept too
+    with reused_buffer(LARGE, torch.float32, "cpu") as again:
+        assert again.data_ptr() == large_address
+
+
+def test_nested_and_concurrent_requests_never_share_a_buffer(no_idle_buffers):
+    with reused_buffer(LARGE, torch.float32, "cpu") as outer:
+        outer.fill_(1.0)
+        with reused_buffer(LARGE, torch.float32, "cpu") as inner:
+            assert inner.data_ptr() != outer.data_ptr()
+            inner.fill_(2.0)
+            seen = {}
+
+            def other_thread():
+                with reused_buffer(LARGE, torch.float32, "cpu") as buf:
+                    buf.fill_(3.0)
+                    seen["address"] = buf.data_ptr()
+                seen["idle"] = idle_buffer_bytes()
+
+            worker = threading.Thread(target=other_thread)
+            worker.start()
+            worker.join()
+            assert seen["address"] not in (outer.data_ptr(), inner.data_ptr())
+            assert seen["idle"] == LARGE * 4  # kept by that thread, not this one
+        assert bool((outer == 1.0).all()) and bool((inner == 2.0).all())
+    assert idle_buffer_bytes() == LARGE * 4  # one of the two is kept
+
+
+def test_a_buffer_is_returned_when_the_block_raises(no_idle_buffers):
+    with pytest.raises(RuntimeError, match="inside"):
+        with reused_buffer(LARGE, torch.float32, "cpu"):
+            raise RuntimeError("inside")
+    assert idle_buffer_bytes() == LARGE * 4
+
+
+@pytest.mark.parametrize(
+    ("numel", "dtype", "device"),
+    [
+        (LARGE - 1, torch.float32, "cpu"),  # below 32 MiB: the heap reuses it already
+        (
+            MAX_REUSED_BYTES // 4 + 1,
+            torch.float32,
+            "meta",
+        ),  # above the largest kept (meta: no memory)
+        (LARGE, torch.float32, "meta"),  # not CPU
+        (LARGE, torch.bfloat16, "cpu"),  # a dtype numpy lacks
+    ],
+)
+def test_other_requests_are_fresh_and_never_kept(no_idle_buffers, numel, dtype, device):
+    with reused_buffer(numel, dtype, device) as buf:
+        assert buf.shape == (numel,) and buf.dtype == dtype and buf.device.type == device
+    assert idle_buffer_bytes() == 0
+
+
+def test_release_frees_the_idle_buffers(no_idle_buffers):
+    with reused_buffer(LARGE, torch.float32, "cpu"):
+        pass
+    assert idle_buffer_bytes() > 0
+    release_buffers()
+    assert idle_buffer_bytes() == 0
+
+
+def test_searches_on_a_dirty_reused_block_are_exact(no_idle_buffers):
+    """The plain, leave-one-out and ball-count searches take their product block from
+    reused_buffer: an idle block full of NaN and -inf from elsewhere changes no result."""
+    g = torch.Generator().manual_seed(1)
+    queries = torch.randn(2048, 784, generator=g)
+    points = torch.cat([torch.randn(4000, 784, generator=g), queries[:50]])
+    with reused_buffer(2048 * 4096, torch.float32, "cpu") as block:
+        block[::2] = float("nan")
+        block[1::2] = -float("inf")
+    assert idle_buffer_bytes() == 2048 * 4096 * 4
+    ours = knn(queries, points, 2)
+    order = torch.sort(torch.cdist(queries.double(), points.double()), dim=1, stable=True)
+    assert torch.equal(ours.indices, order.indices[:, :2])
+    assert torch.equal(ours.sq_dists[:50, 0], torch.zeros(50, dtype=ours.sq_dists.dtype))
+    # A second search of another shape reuses the same block, left dirty by the first.
+    again = knn(points[:3000], queries, 1)
+    order = torch.sort(torch.cdist(points[:3000].double(), queries.double()), dim=1, stable=True)
+    assert torch.equal(again.indices, order.indices[:, :1])

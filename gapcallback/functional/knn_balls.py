@@ -67,7 +67,7 @@ from gapcallback.utils.checks import (
     check_same_features,
     compute_dtype,
 )
-from gapcallback.utils.memory import empty_buffer
+from gapcallback.utils.memory import reused_buffer
 from gapcallback.utils.precision import full_precision
 
 __all__ = [
@@ -241,34 +241,35 @@ def ball_counts(
                 on_sphere[unsure] = (d == radius) & (radius > 0)
             return inside, on_sphere
 
-        buffer = empty_buffer((min(q_block, n) * min(c_block, m),), screen, device)
-        for qs in range(0, n, q_block):
-            qe = min(qs + q_block, n)
-            rows = ops.queries.rows(qs, qe)
-            for cs in range(0, m, c_block):
-                ce = min(cs + c_block, m)
-                block = buffer[: (qe - qs) * (ce - cs)].view(qe - qs, ce - cs)
-                torch.mm(rows, ops.points[cs:ce].T, out=block)
-                # Queries in the centres' balls: a threshold per column.
-                r, col = _entries_at_most(block, c_bound[cs:ce], by_column=True)
-                if r.numel():
-                    q_idx, c_idx = r + qs, col + cs
-                    hit, edge = decide(block, r, col, c_thr, c_radii, False, q_idx, c_idx)
-                    ones = torch.ones_like(q_idx[hit])
-                    per_query.index_add_(0, q_idx[hit], ones)
-                    per_centre.index_add_(0, c_idx[hit], ones)
-                    if bool(edge.any()):
-                        ones = torch.ones_like(q_idx[edge])
-                        query_on_sphere.index_add_(0, q_idx[edge], ones)
-                        centre_on_sphere.index_add_(0, c_idx[edge], ones)
-                if q_radii is None or in_query_balls is None:
-                    continue
-                # Centres in the queries' balls: a threshold per row.
-                r, col = _entries_at_most(block, q_bound[qs:qe])
-                if r.numel():
-                    q_idx, c_idx = r + qs, col + cs
-                    hit, _ = decide(block, r, col, q_thr, q_radii, True, q_idx, c_idx)
-                    in_query_balls.index_add_(0, c_idx[hit], torch.ones_like(c_idx[hit]))
+        # The product block is lent for the count and kept for the next one (no page faults).
+        with reused_buffer(min(q_block, n) * min(c_block, m), screen, device) as buffer:
+            for qs in range(0, n, q_block):
+                qe = min(qs + q_block, n)
+                rows = ops.queries.rows(qs, qe)
+                for cs in range(0, m, c_block):
+                    ce = min(cs + c_block, m)
+                    block = buffer[: (qe - qs) * (ce - cs)].view(qe - qs, ce - cs)
+                    torch.mm(rows, ops.points[cs:ce].T, out=block)
+                    # Queries in the centres' balls: a threshold per column.
+                    r, col = _entries_at_most(block, c_bound[cs:ce], by_column=True)
+                    if r.numel():
+                        q_idx, c_idx = r + qs, col + cs
+                        hit, edge = decide(block, r, col, c_thr, c_radii, False, q_idx, c_idx)
+                        ones = torch.ones_like(q_idx[hit])
+                        per_query.index_add_(0, q_idx[hit], ones)
+                        per_centre.index_add_(0, c_idx[hit], ones)
+                        if bool(edge.any()):
+                            ones = torch.ones_like(q_idx[edge])
+                            query_on_sphere.index_add_(0, q_idx[edge], ones)
+                            centre_on_sphere.index_add_(0, c_idx[edge], ones)
+                    if q_radii is None or in_query_balls is None:
+                        continue
+                    # Centres in the queries' balls: a threshold per row.
+                    r, col = _entries_at_most(block, q_bound[qs:qe])
+                    if r.numel():
+                        q_idx, c_idx = r + qs, col + cs
+                        hit, _ = decide(block, r, col, q_thr, q_radii, True, q_idx, c_idx)
+                        in_query_balls.index_add_(0, c_idx[hit], torch.ones_like(c_idx[hit]))
     return BallCounts(per_query, per_centre, in_query_balls, query_on_sphere, centre_on_sphere)
 
 

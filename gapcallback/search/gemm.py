@@ -46,7 +46,7 @@ from gapcallback.search.ranges import (
 )
 from gapcallback.search.recheck import direct_sq_dists
 from gapcallback.utils.checks import check_finite, compute_dtype
-from gapcallback.utils.memory import empty_buffer
+from gapcallback.utils.memory import empty_buffer, reused_buffer
 from gapcallback.utils.precision import full_precision
 
 __all__ = [
@@ -218,13 +218,15 @@ class GemmProduct:
     Args:
         operands: from :func:`gemm_operands`.
         slack: ``[N]`` rounding bound of each query row's screened values.
-        buffer_size: elements of the one block buffer every product is written into.
+        buffer: ``[S]`` the one block buffer every product is written into (the screen dtype, at
+            least as many elements as the largest block), e.g. from
+            :func:`~gapcallback.utils.memory.reused_buffer`.
     """
 
-    def __init__(self, operands: GemmOperands, slack: Tensor, buffer_size: int) -> None:
+    def __init__(self, operands: GemmOperands, slack: Tensor, buffer: Tensor) -> None:
         self.operands = operands
         self.slack = slack
-        self.buffer = empty_buffer((buffer_size,), operands.points.dtype, operands.points.device)
+        self.buffer = buffer
 
     def rows(self, start: int, end: int) -> RowBlock:
         return RowBlock(self.operands.queries.rows(start, end), self.slack[start:end])
@@ -348,18 +350,16 @@ def gemm_knn(
             return direct_sq_dists(q, x, rows, cols, exact)
 
         if same:
-            product = GemmProduct(ops, slack, min(row_block, n) ** 2)
             row_blocks = [(s, min(s + row_block, n)) for s in range(0, n, row_block)]
-            best = blocked_search(
-                product, recheck, n, m, k, row_blocks=row_blocks, col_block=row_block,
-                dtype=exact, device=points.device, symmetric=True, exclude_diagonal=True,
-                slack=slack,
-            )  # fmt: skip
+            col_block, block_elements = row_block, min(row_block, n) ** 2
         else:
-            product = GemmProduct(ops, slack, min(query_block, n) * min(point_block, m))
             row_blocks = [(s, min(s + query_block, n)) for s in range(0, n, query_block)]
+            col_block, block_elements = point_block, min(query_block, n) * min(point_block, m)
+        # The product block is lent for the search and kept for the next one (no page faults).
+        with reused_buffer(block_elements, screen, points.device) as buffer:
             best = blocked_search(
-                product, recheck, n, m, k, row_blocks=row_blocks, col_block=point_block,
-                dtype=exact, device=points.device, exclude_diagonal=exclude_self,
+                GemmProduct(ops, slack, buffer), recheck, n, m, k, row_blocks=row_blocks,
+                col_block=col_block, dtype=exact, device=points.device, symmetric=same,
+                exclude_diagonal=exclude_self, slack=slack if same else None,
             )  # fmt: skip
     return best.dists, best.indices

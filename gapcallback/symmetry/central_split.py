@@ -63,7 +63,7 @@ from gapcallback.search import (
     screen_exponent,
 )
 from gapcallback.utils.checks import compute_dtype
-from gapcallback.utils.memory import empty_buffer
+from gapcallback.utils.memory import reused_buffer
 from gapcallback.utils.precision import full_precision
 
 #: At most ``2^MAX_INVOLUTIONS`` eigenspaces (thin GEMMs get inefficient, the combination grows).
@@ -265,11 +265,11 @@ class _SplitProduct:
     """
 
     def __init__(self, q, centre, exponent, split, weights, x_ops, x_norm_max, slack_factor,
-                 screen, buffer_size):  # fmt: skip
+                 screen, buffer):  # fmt: skip
         self.q, self.centre, self.exponent = q, centre, exponent
         self.split, self.weights, self.x_ops = split, weights, x_ops
         self.x_norm_max, self.slack_factor, self.screen = x_norm_max, slack_factor, screen
-        self.buffer = empty_buffer((buffer_size,), screen, q.device)
+        self.buffer = buffer  # [S] at least 2^r * rows * cols elements of the screen dtype
 
     def rows(self, start: int, end: int) -> RowBlock:
         n = self.q.shape[0]
@@ -350,10 +350,6 @@ def split_orbit_knn(
         if point_block is None:
             point_block = max(1, SPLIT_POINT_BLOCK // max(1, n_e // 2))
         chunk = max(1, min(chunk, SPLIT_QUERY_BLOCK, n))
-        product = _SplitProduct(
-            q, centre, exponent, split, weights, x_ops, float(x_norms.max()), slack_factor,
-            screen, n_e * chunk * min(point_block, m),
-        )  # fmt: skip
         flat = elements.reshape(n_h, -1)  # [|H|, 2^r * D]
 
         def recheck(rows: Tensor, cols: Tensor) -> Tensor:
@@ -376,10 +372,16 @@ def split_orbit_knn(
             for qs in range(0, n, chunk)
             for h in range(n_h)
         ]
-        best = blocked_search(
-            product, recheck, n_h * n, m, k_search, row_blocks=row_blocks, col_block=point_block,
-            dtype=exact, device=device, pending_per_row=pending_per_row,
-        )  # fmt: skip
+        # The product block is lent for the search and kept for the next one (no page faults).
+        with reused_buffer(n_e * chunk * min(point_block, m), screen, device) as buffer:
+            product = _SplitProduct(
+                q, centre, exponent, split, weights, x_ops, float(x_norms.max()), slack_factor,
+                screen, buffer,
+            )  # fmt: skip
+            best = blocked_search(
+                product, recheck, n_h * n, m, k_search, row_blocks=row_blocks,
+                col_block=point_block, dtype=exact, device=device, pending_per_row=pending_per_row,
+            )  # fmt: skip
     d = best.dists.view(n_h, n, k_search).permute(1, 0, 2).reshape(n, -1)
     i = best.indices.view(n_h, n, k_search).permute(1, 0, 2).reshape(n, -1)
     return d, i
