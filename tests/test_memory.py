@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
+import select
+import signal
 import threading
 
 import pytest
@@ -14,7 +17,7 @@ from gapcallback.functional import knn
 from gapcallback.utils.memory import (
     BUFFER_ALIGNMENT,
     HUGE_PAGE_FROM_BYTES,
-    MAX_REUSED_BYTES,
+    MAX_IDLE_BYTES,
     empty_buffer,
     idle_buffer_bytes,
     release_buffers,
@@ -88,7 +91,7 @@ def test_other_devices_get_torch_empty():
     assert out.shape == (2048, 1024)
 
 
-LARGE = HUGE_PAGE_FROM_BYTES // 4  # float32 elements of a buffer reused_buffer keeps
+LARGE = HUGE_PAGE_FROM_BYTES // 4  # float32 elements of a buffer the pool keeps
 
 
 @pytest.fixture
@@ -105,24 +108,40 @@ def test_a_large_buffer_is_lent_again_to_the_next_request(no_idle_buffers):
         first.fill_(5.0)
         address = first.data_ptr()
     assert idle_buffer_bytes() == (LARGE + 1000) * 4
-    with reused_buffer(LARGE, torch.float32, "cpu") as second:  # a view of the idle one
+    with reused_buffer(LARGE, torch.float32, "cpu") as second:  # the same memory
         assert second.data_ptr() == address and second.shape == (LARGE,)
-        assert bool((second == 5.0).all())  # the same memory, not initialised
+        assert bool((second == 5.0).all())  # not initialised
         assert idle_buffer_bytes() == 0  # lent
-    with reused_buffer(LARGE // 2, torch.float64, "cpu") as other_dtype:  # LARGE * 4 bytes
-        assert other_dtype.dtype == torch.float64 and other_dtype.data_ptr() != address
-    assert idle_buffer_bytes() == (2 * LARGE + 1000) * 4  # one idle buffer per dtype
+    with reused_buffer(LARGE // 2, torch.float64, "cpu") as wider:  # any dtype: raw bytes
+        assert wider.dtype == torch.float64 and wider.data_ptr() == address
+        assert wider.shape == (LARGE // 2,) and wider.data_ptr() % BUFFER_ALIGNMENT == 0
+    assert idle_buffer_bytes() == (LARGE + 1000) * 4
 
 
-def test_a_larger_request_replaces_the_idle_buffer_and_is_kept(no_idle_buffers):
-    with reused_buffer(LARGE, torch.float32, "cpu"):
-        pass
-    with reused_buffer(LARGE + 4096, torch.float32, "cpu") as large:
-        assert large.shape == (LARGE + 4096,)
-        large_address = large.data_ptr()
-    assert idle_buffer_bytes() == (LARGE + 4096) * 4  # the smaller one is freed, not kept too
+def test_the_smallest_idle_buffer_that_fits_is_lent(no_idle_buffers):
+    with reused_buffer(LARGE, torch.float32, "cpu") as small:
+        with reused_buffer(2 * LARGE, torch.float32, "cpu") as large:
+            small_address, large_address = small.data_ptr(), large.data_ptr()
+    assert idle_buffer_bytes() == 3 * LARGE * 4
     with reused_buffer(LARGE, torch.float32, "cpu") as again:
-        assert again.data_ptr() == large_address
+        assert again.data_ptr() == small_address
+    with reused_buffer(LARGE + 1, torch.float32, "cpu") as bigger:
+        assert bigger.data_ptr() == large_address
+
+
+def test_the_pool_keeps_its_largest_buffers_up_to_its_bound(no_idle_buffers):
+    per_buffer = MAX_IDLE_BYTES // 16  # float32 elements of a quarter: the largest three fit
+    with reused_buffer(per_buffer, torch.float32, "cpu"):
+        with reused_buffer(per_buffer + 16, torch.float32, "cpu"):
+            with reused_buffer(per_buffer + 32, torch.float32, "cpu"):
+                with reused_buffer(per_buffer + 48, torch.float32, "cpu"):
+                    pass
+    assert idle_buffer_bytes() == (3 * per_buffer + 96) * 4 <= MAX_IDLE_BYTES
+    with reused_buffer(per_buffer + 1, torch.float32, "cpu"):  # the smallest kept: 16 more
+        assert idle_buffer_bytes() == (2 * per_buffer + 80) * 4
+    with reused_buffer(MAX_IDLE_BYTES // 4 + 1, torch.float32, "cpu") as huge:
+        assert huge.shape == (MAX_IDLE_BYTES // 4 + 1,)
+    assert idle_buffer_bytes() == (3 * per_buffer + 96) * 4  # served, never kept
 
 
 def test_nested_and_concurrent_requests_never_share_a_buffer(no_idle_buffers):
@@ -137,15 +156,38 @@ def test_nested_and_concurrent_requests_never_share_a_buffer(no_idle_buffers):
                 with reused_buffer(LARGE, torch.float32, "cpu") as buf:
                     buf.fill_(3.0)
                     seen["address"] = buf.data_ptr()
-                seen["idle"] = idle_buffer_bytes()
 
             worker = threading.Thread(target=other_thread)
             worker.start()
             worker.join()
             assert seen["address"] not in (outer.data_ptr(), inner.data_ptr())
-            assert seen["idle"] == LARGE * 4  # kept by that thread, not this one
-        assert bool((outer == 1.0).all()) and bool((inner == 2.0).all())
-    assert idle_buffer_bytes() == LARGE * 4  # one of the two is kept
+            assert bool((outer == 1.0).all()) and bool((inner == 2.0).all())
+            assert idle_buffer_bytes() == LARGE * 4  # the other thread's, back in the pool
+    assert idle_buffer_bytes() == 3 * LARGE * 4
+
+
+def test_many_threads_searching_at_once_get_exact_results(no_idle_buffers):
+    """Four threads share the pool while each runs plain searches (32 MiB blocks)."""
+    g = torch.Generator().manual_seed(2)
+    sets = [torch.randn(2048, 200, generator=g) for _ in range(4)]
+    points = torch.randn(4096, 200, generator=g)
+    expected = [torch.cdist(s.double(), points.double()).argmin(dim=1) for s in sets]
+    results = {}
+
+    def search(i):
+        results[i] = [
+            knn(sets[i], points, 1, block_size=(2048, 4096)).indices[:, 0] for _ in range(3)
+        ]
+
+    threads = [threading.Thread(target=search, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        for found in results[i]:
+            assert torch.equal(found, expected[i])
+    assert 0 < idle_buffer_bytes() <= MAX_IDLE_BYTES
 
 
 def test_a_buffer_is_returned_when_the_block_raises(no_idle_buffers):
@@ -159,13 +201,8 @@ def test_a_buffer_is_returned_when_the_block_raises(no_idle_buffers):
     ("numel", "dtype", "device"),
     [
         (LARGE - 1, torch.float32, "cpu"),  # below 32 MiB: the heap reuses it already
-        (
-            MAX_REUSED_BYTES // 4 + 1,
-            torch.float32,
-            "meta",
-        ),  # above the largest kept (meta: no memory)
         (LARGE, torch.float32, "meta"),  # not CPU
-        (LARGE, torch.bfloat16, "cpu"),  # a dtype numpy lacks
+        (HUGE_PAGE_FROM_BYTES // 2 - 1, torch.bfloat16, "cpu"),  # small in any dtype
     ],
 )
 def test_other_requests_are_fresh_and_never_kept(no_idle_buffers, numel, dtype, device):
@@ -175,9 +212,9 @@ def test_other_requests_are_fresh_and_never_kept(no_idle_buffers, numel, dtype, 
 
 
 def test_release_frees_the_idle_buffers(no_idle_buffers):
-    with reused_buffer(LARGE, torch.float32, "cpu"):
-        pass
-    assert idle_buffer_bytes() > 0
+    with reused_buffer(2 * LARGE, torch.bfloat16, "cpu") as buf:  # a dtype numpy lacks: raw bytes
+        assert buf.dtype == torch.bfloat16 and buf.shape == (2 * LARGE,)
+    assert idle_buffer_bytes() == LARGE * 4
     release_buffers()
     assert idle_buffer_bytes() == 0
 
@@ -200,3 +237,29 @@ def test_searches_on_a_dirty_reused_block_are_exact(no_idle_buffers):
     again = knn(points[:3000], queries, 1)
     order = torch.sort(torch.cdist(points[:3000].double(), queries.double()), dim=1, stable=True)
     assert torch.equal(again.indices, order.indices[:, :1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_with_an_empty_pool(no_idle_buffers):
+    with reused_buffer(LARGE, torch.float32, "cpu"):
+        pass
+    assert idle_buffer_bytes() == LARGE * 4
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its pool, then use it (no torch kernel: OpenMP after fork)
+        try:
+            before = idle_buffer_bytes()
+            with reused_buffer(LARGE, torch.float32, "cpu") as buf:
+                assert buf.shape == (LARGE,)
+            os.write(write, f"{before} {idle_buffer_bytes()}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 60.0)  # never hang the suite on a stuck child
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    with os.fdopen(read) as pipe:
+        report = pipe.read() if ready else "the child did not answer in 60 s"
+    os.waitpid(pid, 0)
+    assert report == f"0 {LARGE * 4}"
+    assert idle_buffer_bytes() == LARGE * 4  # the parent's pool is untouched

@@ -12,19 +12,21 @@ faults once per 2 MiB (4.8-5.5 ms). :func:`empty_buffer` allocates buffers of at
 :func:`empty_buffer` changes nothing else (no cache, no global setting), and where the kernel
 gives no huge pages it is an ordinary allocation.
 
-Even huge pages fault on every call, and where the kernel's ``defrag`` setting is ``madvise`` (the
-usual default) a fault may first compact memory: a fresh 32 MiB block then costs tens of
-milliseconds. :func:`reused_buffer` lends a search its product block for the duration of a
-``with`` block and keeps it afterwards for the next search in the same thread: one idle buffer per
-dtype and thread, of at most :data:`MAX_REUSED_BYTES`, on CPU and from
-:data:`HUGE_PAGE_FROM_BYTES` on (smaller ones the heap already reuses). It is the only cache here:
-:func:`idle_buffer_bytes` says what it holds and :func:`release_buffers` frees it (a thread's idle
-buffers are also freed when the thread ends).
+Even huge pages fault on every call: zeroing a fresh 32 MiB block costs a few milliseconds a
+search (3-13 ms at N = M = 8000, D = 784 on the benchmarks' guest; more in its first minutes,
+when first products took 100 ms instead of 48 ms). :func:`reused_buffer` lends a search its
+product block for the duration of a ``with`` block and takes it back afterwards for the next
+search: one pool for the process, of raw CPU buffers from :data:`HUGE_PAGE_FROM_BYTES` on
+(smaller ones the heap already reuses), holding at most :data:`MAX_IDLE_BYTES` in all (the
+largest buffers are kept), safe across threads (a buffer is lent to one ``with`` block at a
+time). It is the only cache here:
+:func:`idle_buffer_bytes` says what it holds and :func:`release_buffers` frees it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +38,7 @@ from torch import Tensor
 __all__ = [
     "BUFFER_ALIGNMENT",
     "HUGE_PAGE_FROM_BYTES",
-    "MAX_REUSED_BYTES",
+    "MAX_IDLE_BYTES",
     "empty_buffer",
     "idle_buffer_bytes",
     "release_buffers",
@@ -51,11 +53,12 @@ BUFFER_ALIGNMENT = 64
 """Byte alignment of a buffer's first element, as ``torch.empty`` gives (a cache line; numpy
 guarantees 16)."""
 
-MAX_REUSED_BYTES = 1 << 28
-"""Largest buffer :func:`reused_buffer` keeps once its ``with`` block ends (256 MiB); larger ones
-are freed then."""
+MAX_IDLE_BYTES = 1 << 27
+"""Bytes the pool of :func:`reused_buffer` keeps idle at most (128 MiB: four 2048 x 4096 float32
+product blocks); a larger request is served but not kept."""
 
 _NUMPY_DTYPES = {
+    torch.uint8: np.uint8,
     torch.float16: np.float16,
     torch.float32: np.float32,
     torch.float64: np.float64,
@@ -86,55 +89,70 @@ def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     return torch.from_numpy(array)
 
 
-class _IdleBuffers(threading.local):
-    """Per thread: the idle buffer of each dtype (:func:`reused_buffer`)."""
-
-    def __init__(self) -> None:
-        self.by_dtype: dict[torch.dtype, Tensor] = {}
+_POOL_LOCK = threading.Lock()
+_IDLE: list[Tensor] = []  # raw uint8 CPU buffers, largest first; guarded by _POOL_LOCK
 
 
-_IDLE = _IdleBuffers()
+def _reset_pool_after_fork() -> None:
+    """A forked child (a DataLoader worker) starts with an empty pool and a fresh lock: the
+    parent's lock may have been held by another thread at the fork."""
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _IDLE.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
 
 
 @contextmanager
 def reused_buffer(numel: int, dtype: torch.dtype, device: torch.device | str) -> Iterator[Tensor]:
-    """A contiguous uninitialised ``[numel]`` scratch buffer, valid inside the ``with`` block.
+    """A contiguous uninitialised ``[numel]`` scratch buffer of ``dtype``, valid inside the
+    ``with`` block.
 
-    On CPU, from :data:`HUGE_PAGE_FROM_BYTES` to :data:`MAX_REUSED_BYTES` bytes, the calling
-    thread's idle buffer of ``dtype`` is lent when it is large enough (a view of its first
-    ``numel`` elements: no allocation, no page faults), else a new one from :func:`empty_buffer`;
-    when the block ends the larger of the two is kept as the thread's idle buffer (module
-    docstring). A nested request, or one from another thread, never gets a buffer already lent.
-    Elsewhere (other devices, smaller or larger sizes) it is :func:`empty_buffer`, freed as usual.
+    On CPU, for :data:`HUGE_PAGE_FROM_BYTES` bytes or more, the smallest idle buffer of the pool
+    that is large enough is lent (a view of its first bytes, aligned to
+    :data:`BUFFER_ALIGNMENT`: no allocation, no page faults), else a new one comes from
+    :func:`empty_buffer`; when the block ends (normally or by an exception) it returns to the pool,
+    which then keeps its largest buffers up to :data:`MAX_IDLE_BYTES` in all (module docstring).
+    A buffer is lent to one ``with`` block at a time: nested blocks and other threads get others.
+    Elsewhere (other devices, smaller sizes) it is :func:`empty_buffer`, freed as usual.
 
     The caller must not keep the buffer, or a view of it, past the ``with`` block.
     """
     device = torch.device(device)
-    nbytes = _nbytes(numel, dtype)
-    if device.type != "cpu" or not HUGE_PAGE_FROM_BYTES <= nbytes <= MAX_REUSED_BYTES:
+    nbytes = numel * torch.empty((), dtype=dtype, device="meta").element_size()
+    if device.type != "cpu" or nbytes < HUGE_PAGE_FROM_BYTES:
         yield empty_buffer((numel,), dtype, device)
         return
-    idle = _IDLE.by_dtype.pop(dtype, None)  # lent: a nested request finds none
-    if idle is not None and idle.numel() >= numel:
-        buffer = idle
-    else:
-        buffer = empty_buffer((numel,), dtype, device)
+    with _POOL_LOCK:
+        fits = [i for i, raw in enumerate(_IDLE) if raw.numel() >= nbytes]
+        raw = _IDLE.pop(fits[-1]) if fits else None  # largest first: the last fit is smallest
+    if raw is None:
+        raw = empty_buffer((nbytes,), torch.uint8, device)
     try:
-        yield buffer[:numel]
+        yield raw[:nbytes].view(dtype)
     finally:
-        # Keep the larger of this buffer (never smaller than the idle one it replaced) and one
-        # a nested request returned meanwhile.
-        current = _IDLE.by_dtype.get(dtype)
-        if current is None or current.numel() < buffer.numel():
-            _IDLE.by_dtype[dtype] = buffer
+        with _POOL_LOCK:
+            _IDLE.append(raw)
+            _IDLE.sort(key=Tensor.numel, reverse=True)
+            kept, total = [], 0
+            for buffer in _IDLE:
+                if total + buffer.numel() <= MAX_IDLE_BYTES:
+                    kept.append(buffer)
+                    total += buffer.numel()
+            _IDLE[:] = kept
 
 
 def idle_buffer_bytes() -> int:
-    """Bytes the calling thread's idle buffers hold (:func:`reused_buffer`)."""
-    return sum(_nbytes(b.numel(), b.dtype) for b in _IDLE.by_dtype.values())
+    """Bytes the pool of :func:`reused_buffer` holds idle."""
+    with _POOL_LOCK:
+        return sum(raw.numel() for raw in _IDLE)
 
 
 def release_buffers() -> None:
-    """Free the calling thread's idle buffers (:func:`reused_buffer`); searches then allocate
-    their blocks afresh until they have run once more."""
-    _IDLE.by_dtype.clear()
+    """Free the idle buffers of :func:`reused_buffer` (a buffer lent meanwhile returns to the pool
+    when its ``with`` block ends); searches then allocate their blocks afresh until they have run
+    once more."""
+    with _POOL_LOCK:
+        _IDLE.clear()
