@@ -13,6 +13,10 @@
 
 Symmetry searches (:mod:`gapcallback.symmetry`) form their own products and exact re-checks and
 run them on :func:`blocked_search`; nothing outside this package uses its private names.
+
+On CPU the searches borrow their product blocks from one pool that keeps them for the next search
+(:func:`gapcallback.utils.memory.reused_buffer`, at most 128 MiB idle): :func:`idle_buffer_bytes`
+says what it holds, :func:`release_buffers` frees it.
 """
 
 from gapcallback.search.dispatch import BACKENDS, Backend, choose_backend, exact_search
@@ -50,6 +54,7 @@ from gapcallback.search.screen import (
     tile_candidates,
 )
 from gapcallback.search.topk import KNNResult, TopK, distinct_topk, merge_distinct, merge_sorted
+from gapcallback.utils.memory import idle_buffer_bytes, release_buffers
 
 __all__ = [
     "BACKENDS",
@@ -81,6 +86,7 @@ __all__ = [
     "exact_search",
     "gemm_knn",
     "gemm_operands",
+    "idle_buffer_bytes",
     "k_smallest",
     "kdtree_knn",
     "ldexp",
@@ -89,6 +95,7 @@ __all__ = [
     "output_sq_dists",
     "prefer_kdtree",
     "range_message",
+    "release_buffers",
     "row_tiles",
     "same_tensor",
     "screen_exponent",
