@@ -19,8 +19,8 @@ product block for the duration of a ``with`` block and takes it back afterwards 
 search: one pool for the process, of raw CPU buffers from :data:`HUGE_PAGE_FROM_BYTES` on
 (smaller ones the heap already reuses), holding at most :data:`MAX_IDLE_BYTES` in all (the
 largest buffers are kept), safe across threads (a buffer is lent to one ``with`` block at a
-time). It is the only cache here:
-:func:`idle_buffer_bytes` says what it holds and :func:`release_buffers` frees it.
+time). It is the only cache here: :func:`idle_buffer_bytes` says what it holds and
+:func:`release_buffers` frees it.
 """
 
 from __future__ import annotations
