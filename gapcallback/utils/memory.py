@@ -67,22 +67,16 @@ _NUMPY_DTYPES = {
 }
 
 
-def _nbytes(numel: int, dtype: torch.dtype) -> int:
-    """Bytes of ``numel`` values of ``dtype`` (0 for a dtype numpy lacks: never numpy's path)."""
-    np_dtype = _NUMPY_DTYPES.get(dtype)
-    return 0 if np_dtype is None else numel * np.dtype(np_dtype).itemsize
-
-
 def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """An uninitialised contiguous tensor of ``shape``, as ``torch.empty(shape, dtype=dtype,
     device=device)``; on CPU, of at least :data:`HUGE_PAGE_FROM_BYTES` bytes and a dtype numpy
     has, allocated by numpy (huge pages, module docstring) and aligned to
     :data:`BUFFER_ALIGNMENT` bytes."""
     device = torch.device(device)
-    nbytes = _nbytes(math.prod(shape), dtype)
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    nbytes = 0 if np_dtype is None else math.prod(shape) * np.dtype(np_dtype).itemsize
     if device.type != "cpu" or nbytes < HUGE_PAGE_FROM_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
-    np_dtype = _NUMPY_DTYPES[dtype]
     raw = np.empty(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
     skip = -raw.ctypes.data % BUFFER_ALIGNMENT
     array = raw[skip : skip + nbytes].view(np_dtype).reshape(shape)
