@@ -220,8 +220,8 @@ def test_release_frees_the_idle_buffers(no_idle_buffers):
 
 
 def test_searches_on_a_dirty_reused_block_are_exact(no_idle_buffers):
-    """The plain, leave-one-out and ball-count searches take their product block from
-    reused_buffer: an idle block full of NaN and -inf from elsewhere changes no result."""
+    """The plain search at D = 784 takes its 2048 x 4096 product block from reused_buffer: an
+    idle block full of NaN and -inf from elsewhere changes no result."""
     g = torch.Generator().manual_seed(1)
     queries = torch.randn(2048, 784, generator=g)
     points = torch.cat([torch.randn(4000, 784, generator=g), queries[:50]])
