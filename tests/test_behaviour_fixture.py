@@ -56,7 +56,9 @@ def _same(got: object, want: object, where: str) -> None:
     elif isinstance(want, (tuple, list)) and not SAME_KERNELS:
         assert type(got) is type(want) and len(got) == len(want), where
         for g, w in zip(got, want, strict=True):  # ints exactly, floats to 1e-12 relative
-            assert g == (pytest.approx(w, rel=1e-12, nan_ok=True) if isinstance(w, float) else w), where
+            assert g == (pytest.approx(w, rel=1e-12, nan_ok=True) if isinstance(w, float) else w), (
+                where
+            )
     else:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
