@@ -53,12 +53,10 @@ def _same(got: object, want: object, where: str) -> None:
         assert isinstance(got, float) and math.isnan(got), where
     elif isinstance(want, float) and not SAME_KERNELS:
         assert got == pytest.approx(want, rel=1e-12), where
-    elif isinstance(want, (tuple, list)) and not SAME_KERNELS:
+    elif isinstance(want, (tuple, list)):  # a list of numbers: each number by the rules above
         assert type(got) is type(want) and len(got) == len(want), where
-        for g, w in zip(got, want, strict=True):  # ints exactly, floats to 1e-12 relative
-            assert g == (pytest.approx(w, rel=1e-12, nan_ok=True) if isinstance(w, float) else w), (
-                where
-            )
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _same(g, w, f"{where}[{i}]")
     else:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
